@@ -1,0 +1,342 @@
+"""A decoder-only character-level transformer with KV-cached generation.
+
+Config in, tensors out: no I/O, printing or device choice here.
+
+    model = LanguageModel(ModelConfig(vocab_size=65))
+    logits, loss = model(idx, targets)              # training / evaluation
+    ids = model.generate(prompt_ids, 200, top_k=10) # sampling with a KV cache
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils.errors import ConfigFieldError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int | None = field(
+        default=None, metadata={"help": "number of distinct characters; set from the tokenizer"}
+    )
+    block_size: int = field(default=256, metadata={"help": "context length in characters"})
+    n_layer: int = field(default=6, metadata={"help": "number of transformer blocks"})
+    n_head: int = field(default=6, metadata={"help": "attention heads per block"})
+    n_embd: int = field(default=384, metadata={"help": "embedding width"})
+    dropout: float = field(default=0.2, metadata={"help": "dropout probability in training"})
+    bias: bool = field(
+        default=False, metadata={"help": "use biases in Linear and LayerNorm layers"}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ConfigFieldError(f"{name} must be at least 1", name)
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ConfigFieldError("vocab_size must be at least 1", "vocab_size")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigFieldError("dropout must be in [0, 1)", "dropout")
+        if self.n_embd % self.n_head:
+            raise ConfigFieldError(
+                f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}",
+                "n_embd",
+                "n_head",
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one preallocated buffer pair per layer.
+
+    Buffers are (batch, n_head, block_size, head_dim) and filled in place, so decoding a token
+    writes one slot instead of concatenating tensors. `length` counts the filled positions;
+    the model advances it after each forward.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int) -> None:
+        self.config = config
+        self.batch_size = batch_size
+        self.length = 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (B, n_head, T, head_dim) keys and values; return all so far."""
+        if not self.keys:
+            # allocated on first use so the buffers take the dtype autocast gives k and v
+            shape = (self.batch_size, self.config.n_head, self.config.block_size,
+                     self.config.head_dim)
+            for _ in range(self.config.n_layer):
+                self.keys.append(torch.zeros(shape, dtype=k.dtype, device=k.device))
+                self.values.append(torch.zeros(shape, dtype=v.dtype, device=v.device))
+        end = self.length + k.size(2)
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+def attention_mask(query_len: int, key_len: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean mask letting query i (the last `query_len` of `key_len` positions) see keys <= i.
+
+    SDPA's is_causal aligns its mask top-left, which is only right when queries and keys have the
+    same length; a decode step (one query) sees every key and needs no mask at all.
+    """
+    if query_len == 1:
+        return None
+    past = key_len - query_len
+    return torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(diagonal=past)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is None or cache.length == 0:
+            mask, is_causal = None, True
+        else:
+            mask, is_causal = attention_mask(T, cache.length + T, x.device), False
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)
+        dropout_p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_index)
+        self.ln_mlp = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_attn(x), cache)
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer)")
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_final = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.apply(self._init_weights)
+        # GPT-2: scale residual projections by 1/sqrt(2 * n_layer), since each block adds two
+        # of them to the residual stream
+        for name, param in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self, exclude_position_embedding: bool = True) -> int:
+        """Parameter count; position embeddings are usually left out of FLOP estimates."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_position_embedding:
+            total -= self.position_embedding.weight.numel()
+        return total
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) for token ids (B, T), and the mean cross-entropy if targets given.
+
+        With a cache, idx continues the text already in it: positions start at cache.length.
+        """
+        B, T = idx.shape
+        start = 0 if cache is None else cache.length
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"{start + T} positions exceed block_size={self.config.block_size}"
+            )
+        positions = torch.arange(start, start + T, device=idx.device)
+        x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
+        for block in self.blocks:
+            x = block(x, cache)
+        if cache is not None:
+            cache.length += T
+        # input and output embeddings are tied: one matrix, used both ways
+        logits = F.linear(self.ln_final(x), self.token_embedding.weight)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, loss
+
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        sampling: SamplingConfig | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """Yield each new token (B,) as it is sampled after the prompt idx (B, T).
+
+        Context policy past block_size: the window holds at most block_size tokens. When one more
+        would not fit, the window restarts from the most recent half of the text (latest token
+        included) at positions 0.., which is one fresh prefill; with use_cache=False the same
+        window is recomputed every step, so both paths see identical contexts.
+        """
+        sampling = sampling or SamplingConfig()
+        block_size = self.config.block_size
+        keep = max(1, block_size // 2)
+        text = idx[:, -block_size:]
+        window_len = text.size(1)
+        cache = KVCache(self.config, idx.size(0)) if use_cache else None
+        logits, _ = self(text, cache=cache)
+        for step in range(max_new_tokens):
+            next_id = sample_next(logits[:, -1], sampling, text, generator)  # (B,)
+            yield next_id
+            if step == max_new_tokens - 1:
+                break
+            text = torch.cat([text, next_id[:, None]], dim=1)[:, -block_size:]
+            if window_len == block_size:
+                window_len = keep
+                if cache is not None:
+                    cache.reset()
+                logits, _ = self(text[:, -keep:], cache=cache)
+            else:
+                window_len += 1
+                step_input = next_id[:, None] if cache is not None else text[:, -window_len:]
+                logits, _ = self(step_input, cache=cache)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """The prompt idx (B, T) followed by max_new_tokens sampled ids: (B, T + max_new_tokens)."""
+        sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
+        new = list(self.generate_stream(idx, max_new_tokens, sampling, generator, use_cache))
+        return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen from logits. temperature 0 means greedy."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigFieldError(
+                f"temperature must be >= 0 (0 = greedy), got {self.temperature}", "temperature"
+            )
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigFieldError(f"top_k must be at least 1, got {self.top_k}", "top_k")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ConfigFieldError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            raise ConfigFieldError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
+        if self.repetition_penalty <= 0:
+            raise ConfigFieldError(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+                "repetition_penalty",
+            )
+
+
+def sample_next(
+    logits: torch.Tensor,
+    sampling: SamplingConfig,
+    context: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token per row of logits (B, vocab); a pure function of its inputs and generator.
+
+    context (B, T) holds the tokens the repetition penalty applies to.
+    """
+    logits = logits.float()
+    if sampling.repetition_penalty != 1.0 and context is not None:
+        # CTRL-style: make already-seen tokens less likely whatever the sign of their logit
+        seen = logits.gather(1, context)
+        penalised = torch.where(
+            seen > 0, seen / sampling.repetition_penalty, seen * sampling.repetition_penalty
+        )
+        logits = logits.scatter(1, context, penalised)
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None:
+        kth = torch.topk(logits, min(sampling.top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if sampling.top_p is not None:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the tokens ranked above it already reach top_p; the top one stays
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= sampling.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_probs)
+    if sampling.min_p is not None:
+        # keep tokens at least min_p times as likely as the most likely one (which always stays)
+        threshold = sampling.min_p * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

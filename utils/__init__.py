@@ -1,0 +1,1 @@
+"""Support modules for the chargpt scripts: one concern per module."""

@@ -1,0 +1,381 @@
+"""Training config and the loader that merges every config layer into typed, validated dataclasses.
+
+Layers, lowest to highest precedence:
+    dataclass defaults -> configs/train.yaml, configs/model.yaml -> ./config.json (legacy)
+    -> --config FILE -> CHARGPT_<FIELD> environment variables -> command-line flags
+Files are flat mappings of field names to values (YAML or JSON), model and training keys alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from model import ModelConfig
+from utils.errors import ConfigFieldError, UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "CHARGPT_"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+RUN_TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class ConfigError(UserError):
+    """A config value, key or file is invalid."""
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data_path: str = field(default="input.txt", metadata=_help("text file to train on"))
+    train_split: float = field(
+        default=0.9, metadata=_help("fraction of the text used for training; the rest validates")
+    )
+    batch_size: int = field(default=64, metadata=_help("sequences per micro-batch"))
+    grad_accum_steps: int = field(
+        default=1, metadata=_help("micro-batches whose gradients are summed per optimizer step")
+    )
+    max_iters: int = field(default=5000, metadata=_help("optimizer steps to train for"))
+    learning_rate: float = field(default=1e-3, metadata=_help("peak learning rate"))
+    min_lr: float = field(default=1e-4, metadata=_help("learning rate at the end of the decay"))
+    warmup_iters: int = field(default=100, metadata=_help("steps of linear warmup from 0"))
+    lr_decay_iters: int | None = field(
+        default=None, metadata=_help("step where cosine decay reaches min_lr; none = max_iters")
+    )
+    weight_decay: float = field(
+        default=0.1, metadata=_help("AdamW weight decay, applied to weight matrices only")
+    )
+    beta1: float = field(default=0.9, metadata=_help("AdamW beta1"))
+    beta2: float = field(default=0.99, metadata=_help("AdamW beta2"))
+    grad_clip: float | None = field(
+        default=1.0, metadata=_help("max global gradient norm; none = no clipping")
+    )
+    eval_interval: int = field(default=250, metadata=_help("steps between evaluations"))
+    eval_iters: int = field(
+        default=200, metadata=_help("batches per split averaged by each evaluation")
+    )
+    log_interval: int = field(default=10, metadata=_help("steps between train-loss logs"))
+    sample_tokens: int = field(
+        default=500, metadata=_help("characters generated for the sample printed at the end")
+    )
+    seed: int = field(default=1337, metadata=_help("seed for Python, numpy, torch and batches"))
+    device: str = field(default="auto", metadata=_help("auto (cuda, then mps, then cpu), cpu, "
+                                                       "cuda, cuda:N or mps"))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata=_help("autocast precision; auto = bfloat16 on CUDA if supported, "
+                       "float16 on older CUDA, float32 elsewhere"),
+    )
+    compile: bool = field(default=False, metadata=_help("torch.compile the model"))
+    run_tag: str = field(default="run", metadata=_help("suffix of the run folder name"))
+    runs_dir: str = field(default="runs", metadata=_help("folder holding one folder per run"))
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "grad_accum_steps", "max_iters", "eval_interval",
+                    "eval_iters", "log_interval")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigFieldError(f"{name} must be at least 1", name)
+        for name in ("warmup_iters", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigFieldError(f"{name} must be >= 0", name)
+        if not 0.0 < self.train_split < 1.0:
+            raise ConfigFieldError("train_split must be between 0 and 1", "train_split")
+        if self.learning_rate <= 0:
+            raise ConfigFieldError("learning_rate must be > 0", "learning_rate")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            raise ConfigFieldError(
+                f"min_lr={self.min_lr} must be in [0, learning_rate={self.learning_rate}]",
+                "min_lr", "learning_rate",
+            )
+        if self.lr_decay_iters is not None and self.lr_decay_iters < self.warmup_iters:
+            raise ConfigFieldError(
+                f"lr_decay_iters={self.lr_decay_iters} must be >= "
+                f"warmup_iters={self.warmup_iters}",
+                "lr_decay_iters", "warmup_iters",
+            )
+        if self.weight_decay < 0:
+            raise ConfigFieldError("weight_decay must be >= 0", "weight_decay")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigFieldError(f"{name} must be in [0, 1)", name)
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigFieldError("grad_clip must be > 0 (or none to disable)", "grad_clip")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigFieldError(
+                "device must be auto, cpu, mps, cuda or cuda:N", "device"
+            )
+        if not RUN_TAG_PATTERN.fullmatch(self.run_tag):
+            raise ConfigFieldError(
+                "run_tag may hold letters, digits, '.', '_' and '-' and must start with a "
+                "letter or digit", "run_tag",
+            )
+
+    @property
+    def decay_end_step(self) -> int:
+        return self.max_iters if self.lr_decay_iters is None else self.lr_decay_iters
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+
+
+# Keys a user may set. vocab_size is not among them: it always comes from the tokenizer.
+_SECTIONS: dict[str, type] = {
+    **{f.name: ModelConfig for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"},
+    **{f.name: TrainConfig for f in dataclasses.fields(TrainConfig)},
+}
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """Values from one source; `from_text` marks env vars and flags, which arrive as strings."""
+
+    source: str
+    values: Mapping[str, Any]
+    from_text: bool
+
+
+class ConfigLoader:
+    """Merges the config layers; build a parser, add script-specific flags, then load(args)."""
+
+    def __init__(
+        self,
+        root: Path = PROJECT_ROOT,
+        cwd: Path | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config_dir = Path(root) / "configs"
+        self.cwd = Path.cwd() if cwd is None else Path(cwd)
+        self.environ = os.environ if environ is None else environ
+
+    def build_parser(self, description: str | None = None) -> argparse.ArgumentParser:
+        """A parser with --config and one flag per config field; its help shows the defaults
+        that configs/ gives them."""
+        defaults = self._merge(self._base_layers())
+        parser = _Parser(
+            description=description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False,
+        )
+        parser.add_argument("--config", metavar="FILE", type=Path,
+                            help="YAML or JSON file of config values, over configs/ defaults")
+        for section, title in ((ModelConfig, "model"), (TrainConfig, "training")):
+            group = parser.add_argument_group(f"{title} config (also CHARGPT_<FIELD> env vars)")
+            for spec in dataclasses.fields(section):
+                if spec.name not in _SECTIONS:
+                    continue
+                value = defaults[spec.name][0]
+                help_text = f"{spec.metadata['help']} (default: {_format(value)})"
+                flag = "--" + spec.name.replace("_", "-")
+                if _field_type(spec.name) is bool:
+                    group.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction,
+                                       default=argparse.SUPPRESS, help=help_text)
+                else:
+                    group.add_argument(flag, dest=spec.name, default=argparse.SUPPRESS,
+                                       metavar=_metavar(spec.name), help=help_text)
+        return parser
+
+    def load(self, args: argparse.Namespace) -> Config:
+        layers = self._base_layers()
+        if args.config is not None:
+            layers.append(self._file_layer(args.config, f"--config {args.config}"))
+        layers.append(self._env_layer())
+        flags = {k: v for k, v in vars(args).items() if k in _SECTIONS}
+        layers.append(_Layer("command-line flags", flags, from_text=True))
+        merged = self._merge(layers)
+        return Config(model=_build(ModelConfig, merged), train=_build(TrainConfig, merged))
+
+    def _base_layers(self) -> list[_Layer]:
+        layers = [_Layer("defaults", {}, from_text=False)]
+        for name in ("model", "train"):
+            path = _existing(self.config_dir, name)
+            if path is not None:
+                layers.append(self._file_layer(path, str(path.relative_to(self.config_dir.parent))))
+        legacy = self.cwd / "config.json"
+        if legacy.is_file():
+            layers.append(self._file_layer(legacy, "./config.json"))
+        return layers
+
+    def _file_layer(self, path: Path, source: str) -> _Layer:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+            values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as error:
+            detail = " ".join(str(error).split())
+            raise ConfigError(f"cannot parse config file {path}: {detail}") from None
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of field names to values")
+        return _Layer(source, values, from_text=False)
+
+    def _env_layer(self) -> _Layer:
+        values = {}
+        for name, value in self.environ.items():
+            if name.startswith(ENV_PREFIX):
+                values[name[len(ENV_PREFIX):].lower()] = value
+        return _Layer("environment", values, from_text=True)
+
+    def _merge(self, layers: Sequence[_Layer]) -> dict[str, tuple[Any, str]]:
+        """Field name -> (typed value, where it came from), highest layer winning."""
+        merged: dict[str, tuple[Any, str]] = {
+            f.name: (f.default, "default")
+            for section in (ModelConfig, TrainConfig)
+            for f in dataclasses.fields(section) if f.name in _SECTIONS
+        }
+        for layer in layers:
+            for key, raw in layer.values.items():
+                source = _describe_source(layer, key)
+                if key not in _SECTIONS:
+                    raise ConfigError(f"unknown config key '{key}' in {source}{_suggest(key)}")
+                merged[key] = (_coerce(key, raw, layer.from_text, source), source)
+        return merged
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad flags as one ConfigError line instead of usage text."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        match = re.search(r"unrecognized arguments: (\S+)", message)
+        if match:
+            flag = match.group(1).split("=")[0]
+            options = [o for a in self._actions for o in a.option_strings]
+            close = difflib.get_close_matches(flag, options, n=1)
+            hint = f"; did you mean {close[0]}?" if close else "; see --help"
+            raise ConfigError(f"unknown flag {flag}{hint}")
+        raise ConfigError(f"{message}; see --help")
+
+
+def _existing(folder: Path, stem: str) -> Path | None:
+    for suffix in (".yaml", ".yml", ".json"):
+        if (folder / f"{stem}{suffix}").is_file():
+            return folder / f"{stem}{suffix}"
+    return None
+
+
+def _describe_source(layer: _Layer, key: str) -> str:
+    if layer.source == "environment":
+        return f"env {ENV_PREFIX}{key.upper()}"
+    if layer.source == "command-line flags":
+        return "--" + key.replace("_", "-")
+    return layer.source
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, _SECTIONS, n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(_SECTIONS)}"
+
+
+def _field_type(name: str) -> Any:
+    return typing.get_type_hints(_SECTIONS[name])[name]
+
+
+def _coerce(key: str, raw: Any, from_text: bool, source: str) -> Any:
+    """raw as the field's type; text from env vars and flags is parsed, file values checked."""
+    annotation = _field_type(key)
+    args = typing.get_args(annotation)
+    optional = type(None) in args and typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    base = next(a for a in args if a is not type(None)) if optional else annotation
+    if from_text and isinstance(raw, str) and optional and raw.strip().lower() in ("none", "null"):
+        return None
+    if raw is None and optional:
+        return None
+    try:
+        return _as_type(base, raw, from_text)
+    except ValueError:
+        raise ConfigError(
+            f"{key}: expected {_describe_type(annotation)}, got {raw!r} (from {source})"
+        ) from None
+
+
+def _as_type(base: Any, raw: Any, from_text: bool) -> Any:
+    if typing.get_origin(base) is Literal:
+        if raw in typing.get_args(base):
+            return raw
+        raise ValueError
+    if base is bool:
+        if isinstance(raw, bool):
+            return raw
+        words = {"true": True, "1": True, "yes": True, "on": True,
+                 "false": False, "0": False, "no": False, "off": False}
+        if from_text and isinstance(raw, str) and raw.strip().lower() in words:
+            return words[raw.strip().lower()]
+        raise ValueError
+    if base is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if from_text and isinstance(raw, str):
+            return int(raw)
+        raise ValueError
+    if base is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if from_text and isinstance(raw, str):
+            return float(raw)
+        raise ValueError
+    if base is str:
+        if isinstance(raw, str) and raw:
+            return raw
+        raise ValueError
+    raise AssertionError(f"no conversion for config type {base}")
+
+
+def _describe_type(annotation: Any) -> str:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(args)
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if args:  # Optional[X]
+        base = next(a for a in args if a is not type(None))
+        return f"{_describe_type(base)} or none"
+    return names[annotation]
+
+
+def _metavar(name: str) -> str:
+    annotation = _field_type(name)
+    if typing.get_origin(annotation) is Literal:
+        return "{" + ",".join(typing.get_args(annotation)) + "}"
+    base = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
+    if base is str:
+        return "PATH" if name.endswith(("_path", "_dir")) else "TEXT"
+    return {int: "N", float: "X"}[base]
+
+
+def _format(value: Any) -> str:
+    return "none" if value is None else str(value)
+
+
+def _build(section: type, merged: Mapping[str, tuple[Any, str]]) -> Any:
+    names = [f.name for f in dataclasses.fields(section) if f.name in _SECTIONS]
+    try:
+        return section(**{name: merged[name][0] for name in names})
+    except ConfigFieldError as error:
+        sources = ", ".join(
+            f"{name}={_format(merged[name][0])} from {merged[name][1]}" for name in error.fields
+        )
+        raise ConfigError(f"{error} ({sources})") from None

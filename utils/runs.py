@@ -1,0 +1,138 @@
+"""Run folders: unique ids, the standard layout, and the metadata that makes a run reproducible.
+
+    run = create_run(Path("runs"), "baseline")   # runs/20261122_143000_baseline/
+    write_metadata(run, config.to_dict(), command)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from utils.config import ENV_PREFIX, PROJECT_ROOT
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.root.name
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "artifacts" / "checkpoints"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "artifacts" / "export"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "logs" / "tensorboard"
+
+    @property
+    def meta(self) -> Path:
+        return self.root / "meta"
+
+
+def create_run(runs_dir: Path, tag: str, now: datetime | None = None) -> RunPaths:
+    """A new run folder runs_dir/YYYYMMDD_HHMMSS_<tag>, suffixed _2, _3... if the second is taken."""
+    stem = f"{(now or datetime.now()).strftime('%Y%m%d_%H%M%S')}_{tag}"
+    Path(runs_dir).mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        root = Path(runs_dir) / (stem if attempt == 1 else f"{stem}_{attempt}")
+        try:
+            # mkdir without exist_ok is atomic: two processes can never claim the same folder
+            root.mkdir()
+        except FileExistsError:
+            continue
+        run = RunPaths(root)
+        for folder in (run.checkpoints, run.export, run.tensorboard, run.meta):
+            folder.mkdir(parents=True)
+        return run
+    raise RuntimeError(f"could not find a free run folder name for {stem} in {runs_dir}")
+
+
+def write_metadata(run: RunPaths, config: dict[str, Any], command: str) -> None:
+    """meta/: git state and diff, environment, the merged config and the command line."""
+    (run.meta / "git.txt").write_text(git_state(PROJECT_ROOT), encoding="utf-8")
+    (run.meta / "env.txt").write_text(environment_report(), encoding="utf-8")
+    (run.meta / "full_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (run.meta / "command.txt").write_text(command + "\n", encoding="utf-8")
+
+
+def command_line(
+    script: str, argv: Sequence[str], environ: Mapping[str, str] | None = None
+) -> str:
+    """A shell line that repeats this invocation, config environment variables included."""
+    environ = os.environ if environ is None else environ
+    assignments = [f"{k}={shlex.quote(v)}" for k, v in sorted(environ.items())
+                   if k.startswith(ENV_PREFIX)]
+    return " ".join([*assignments, shlex.join(["python", script, *argv])])
+
+
+def git_state(repo: Path) -> str:
+    """Commit, branch, clean or dirty, and the diff of uncommitted changes, as text."""
+
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", "-C", str(repo), *args], capture_output=True,
+                                text=True, check=True)
+        return result.stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+    except FileNotFoundError:
+        return f"git is not installed; no version information for {repo}\n"
+    except subprocess.CalledProcessError:
+        return f"{repo} is not a git checkout (or has no commits); no version information\n"
+    branch = git("rev-parse", "--abbrev-ref", "HEAD").strip()
+    status = git("status", "--porcelain")
+    lines = [f"commit: {commit}", f"branch: {branch}",
+             f"state: {'dirty' if status else 'clean'}"]
+    if status:
+        lines += ["", "status:", status.rstrip(), "", "diff against HEAD:", git("diff", "HEAD")]
+    return "\n".join(lines) + "\n"
+
+
+def environment_report() -> str:
+    """Python, torch, accelerators, platform and installed package versions, as text."""
+    lines = [
+        f"python: {platform.python_version()} ({platform.python_implementation()})",
+        f"torch: {torch.__version__}",
+        f"cuda available: {torch.cuda.is_available()}",
+    ]
+    if torch.cuda.is_available():
+        lines.append(f"cuda version: {torch.version.cuda}")
+        lines += [f"cuda device {i}: {torch.cuda.get_device_name(i)}"
+                  for i in range(torch.cuda.device_count())]
+    lines += [
+        f"mps available: {torch.backends.mps.is_available()}",
+        f"platform: {platform.platform()}",
+        f"processor: {platform.processor() or platform.machine()}",
+        f"cpu count: {os.cpu_count()}",
+        f"torch threads: {torch.get_num_threads()}",
+        "",
+        "packages:",
+    ]
+    packages = {(d.metadata["Name"] or "?").lower(): d.version for d in metadata.distributions()}
+    lines += [f"  {name}=={version}" for name, version in sorted(packages.items())]
+    return "\n".join(lines) + "\n"
+
+
+def latest_run(runs_dir: Path, required: str) -> Path | None:
+    """The newest run folder (by id, which sorts by time) that holds the path `required`."""
+    candidates = [p for p in Path(runs_dir).glob("*") if (p / required).exists()]
+    return max(candidates, key=lambda p: p.name, default=None)
