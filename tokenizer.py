@@ -41,7 +41,7 @@ class CharTokenizer:
             unknown = sorted(set(text) - self._id_of.keys())
             listed = ", ".join(repr(c) for c in unknown)
             raise UnknownCharactersError(
-                f"text has {len(unknown)} character(s) outside the vocabulary: {listed}"
+                f"{len(unknown)} character(s) outside the vocabulary: {listed}"
             ) from None
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -19,7 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from data import BatchSampler, Splits, read_text, split_ids
-from model import LanguageModel, SamplingConfig
+from model import LanguageModel
 from tokenizer import CharTokenizer
 from utils import console
 from utils.checkpoint import save_export
@@ -42,7 +42,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     if step >= cfg.decay_end_step:
         return cfg.min_lr
     progress = (step - cfg.warmup_iters) / max(1, cfg.decay_end_step - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0 over the decay
+    return cfg.min_lr + cosine * (cfg.learning_rate - cfg.min_lr)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
@@ -203,8 +204,9 @@ def training_loop(
                 lr = optimizer.param_groups[0]["lr"]
                 tracker.log({"train/loss": loss_value, "lr": lr,
                              "tokens_per_sec": tokens_per_sec}, done)
-                progress.set_postfix(loss=f"{loss_value:.4f}", val=f"{losses.get('val', 0):.4f}",
-                                     lr=f"{lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
+                val = f"{losses['val']:.4f}" if losses else "-"
+                progress.set_postfix(loss=f"{loss_value:.4f}", val=val, lr=f"{lr:.2e}",
+                                     tok_s=f"{tokens_per_sec:,.0f}")
                 window_start, window_steps = time.perf_counter(), 0
             if done % cfg.eval_interval == 0 or done == cfg.max_iters:
                 losses = estimate_loss(step_model, splits, cfg, config.model.block_size,

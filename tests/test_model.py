@@ -119,7 +119,7 @@ def test_cached_greedy_generation_equals_the_uncached_path(
     assert torch.equal(cached, uncached)
     assert cached.shape == (batch_size, prompt_len + new_tokens)
     assert len(cached_logits) == len(logits) == new_tokens
-    for step, (a, b) in enumerate(zip(cached_logits, logits)):
+    for step, (a, b) in enumerate(zip(cached_logits, logits, strict=True)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=f"step {step}")
 
 
@@ -165,8 +165,12 @@ def test_repetition_penalty_makes_seen_tokens_less_likely():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"temperature": -1}, "temperature must be >= 0"), ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
-     ({"top_p": 1.5}, r"top_p must be in"), ({"top_k": 0}, "top_k must be at least 1")],
+    [
+        ({"temperature": -1}, "temperature must be >= 0"),
+        ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in"),
+        ({"top_k": 0}, "top_k must be at least 1"),
+    ],
 )
 def test_invalid_sampling_settings_are_rejected(kwargs, message):
     with pytest.raises(ConfigFieldError, match=message):

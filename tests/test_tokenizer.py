@@ -19,7 +19,7 @@ def test_ids_follow_sorted_character_order():
 
 def test_unknown_characters_are_listed_in_the_error():
     tokenizer = CharTokenizer.from_text("hello world")
-    with pytest.raises(UnknownCharactersError, match=r"2 character\(s\) outside the vocabulary: "
+    with pytest.raises(UnknownCharactersError, match=r"^2 character\(s\) outside the vocabulary: "
                                                      r"'!', 'Z'"):
         tokenizer.encode("Zhello!")
 

@@ -83,8 +83,9 @@ def load_export(
                if not (export_dir / n).is_file()]
     if missing:
         raise CheckpointError(
-            f"{export_dir} is missing {', '.join(missing)}; the run has no complete export yet "
-            "(it is written when training ends or is stopped with Ctrl-C)"
+            f"{export_dir} is missing {', '.join(missing)}: the run has no complete export yet. "
+            "train.py writes it when training ends or is stopped with Ctrl-C; train a run "
+            "with python train.py"
         )
     config = load_model_config(export_dir / CONFIG_FILE)
     tokenizer = CharTokenizer.load(export_dir / TOKENIZER_FILE)

@@ -14,7 +14,6 @@ import difflib
 import json
 import os
 import re
-import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -174,7 +173,7 @@ class ConfigLoader:
         """A parser with --config and one flag per config field; its help shows the defaults
         that configs/ gives them."""
         defaults = self._merge(self._base_layers())
-        parser = _Parser(
+        parser = ArgumentParser(
             description=description,
             formatter_class=argparse.RawDescriptionHelpFormatter,
             allow_abbrev=False,
@@ -257,7 +256,7 @@ class ConfigLoader:
         return merged
 
 
-class _Parser(argparse.ArgumentParser):
+class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports bad flags as one ConfigError line instead of usage text."""
 
     def error(self, message: str) -> typing.NoReturn:
@@ -299,7 +298,7 @@ def _coerce(key: str, raw: Any, from_text: bool, source: str) -> Any:
     """raw as the field's type; text from env vars and flags is parsed, file values checked."""
     annotation = _field_type(key)
     args = typing.get_args(annotation)
-    optional = type(None) in args and typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    optional = type(None) in args  # `X | None`; a Literal's args are its choices, never None
     base = next(a for a in args if a is not type(None)) if optional else annotation
     if from_text and isinstance(raw, str) and optional and raw.strip().lower() in ("none", "null"):
         return None

@@ -11,11 +11,11 @@ import os
 import platform
 import shlex
 import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,7 +49,7 @@ class RunPaths:
 
 
 def create_run(runs_dir: Path, tag: str, now: datetime | None = None) -> RunPaths:
-    """A new run folder runs_dir/YYYYMMDD_HHMMSS_<tag>, suffixed _2, _3... if the second is taken."""
+    """A new folder runs_dir/YYYYMMDD_HHMMSS_<tag>, suffixed _2, _3... if that second is taken."""
     stem = f"{(now or datetime.now()).strftime('%Y%m%d_%H%M%S')}_{tag}"
     Path(runs_dir).mkdir(parents=True, exist_ok=True)
     for attempt in range(1, 1000):

@@ -1,0 +1,217 @@
+"""Generate text from a trained run, streamed to stdout as it is sampled (KV-cached).
+
+Usage: python inference.py --run runs/<id> --prompt "ROMEO." --max-new-tokens 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model import LanguageModel, SamplingConfig
+from tokenizer import CharTokenizer, UnknownCharactersError
+from utils import console
+from utils.checkpoint import WEIGHTS_FILE, load_export
+from utils.config import ArgumentParser
+from utils.device import autocast, resolve_device, resolve_dtype
+from utils.errors import ConfigFieldError, UserError, run_main
+from utils.runs import RunPaths, latest_run
+
+SAMPLE_SEPARATOR = "\n---------------\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description=__doc__, allow_abbrev=False,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--run", default="latest",
+        help="run folder to load, or 'latest' for the newest run with an export (default: latest)")
+    add("--runs-dir", type=Path, default=Path("runs"),
+        help="where 'latest' looks for runs (default: runs)")
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    prompt.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
+    add("--max-new-tokens", type=int, default=500, help="characters to generate (default: 500)")
+    add("--num-samples", type=int, default=1,
+        help="samples generated together as one batch, printed one after another (default: 1)")
+    add("--temperature", type=float, default=0.8,
+        help="softmax temperature; 0 = greedy (default: 0.8)")
+    add("--top-k", type=int, help="sample only from the k most likely characters")
+    add("--top-p", type=float, help="sample from the smallest set with this much probability")
+    add("--min-p", type=float,
+        help="drop characters less likely than min-p times the most likely one")
+    add("--repetition-penalty", type=float, default=1.0,
+        help="above 1 discourages characters already in the context (default: 1.0)")
+    add("--stop", action="append", default=[], metavar="STRING",
+        help="end a sample at the first occurrence of STRING (repeatable); not printed")
+    add("--seed", type=int, help="random seed; the one used is reported (default: random)")
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    add("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+        help="autocast precision (default: auto)")
+    add("--no-kv-cache", action="store_true",
+        help="recompute the whole context every step (the slow reference path)")
+    add("--no-stream", action="store_true", help="print each sample only once it is complete")
+    return parser
+
+
+class StopFilter:
+    """Turns streamed pieces of one sample into text safe to show, ending at a stop string.
+
+    Text that could still be the start of a stop string is held back until it is ruled out,
+    so the output never shows a partial match that later turns out to be a stop string.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self.pending += piece
+        matches = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if matches:
+            self.stopped = True
+            shown, self.pending = self.pending[:min(matches)], ""
+            return shown
+        held = max((k for s in self.stops for k in range(1, len(s))
+                    if self.pending.endswith(s[:k])), default=0)
+        shown = self.pending[:len(self.pending) - held]
+        self.pending = self.pending[len(shown):]
+        return shown
+
+    def flush(self) -> str:
+        shown, self.pending = ("" if self.stopped else self.pending), ""
+        return shown
+
+
+@dataclass
+class GenerationStats:
+    batch_size: int
+    prompt_tokens: int
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    def summary(self, seed: int) -> str:
+        # the first token of each sample comes out of the prefill, not the decode loop
+        decode_tokens = self.new_tokens - self.batch_size
+        decode_rate = decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+        return (f"prompt tokens {self.prompt_tokens}, new tokens {self.new_tokens}, "
+                f"prefill {self.prefill_s * 1e3:.1f} ms, decode {self.decode_s * 1e3:.1f} ms, "
+                f"decode {decode_rate:,.1f} tokens/s, seed {seed}")
+
+
+def stream_samples(
+    model: LanguageModel, tokenizer: CharTokenizer, prompt_ids: torch.Tensor,
+    args: argparse.Namespace, sampling: SamplingConfig, generator: torch.Generator,
+    stats: GenerationStats,
+) -> Iterator[tuple[int, str]]:
+    """Yield (sample index, text to show) as tokens arrive; stop once every sample has stopped."""
+    filters = [StopFilter(args.stop) for _ in range(prompt_ids.size(0))]
+    tokens = model.generate_stream(prompt_ids, args.max_new_tokens, sampling, generator,
+                                   use_cache=not args.no_kv_cache)
+    start = time.perf_counter()
+    for step, next_ids in enumerate(tokens):
+        ids = next_ids.tolist()  # waits for the device, so the timings below are real
+        if step == 0:
+            stats.prefill_s = time.perf_counter() - start
+        stats.new_tokens += len(ids)
+        for row, token in enumerate(ids):
+            yield row, filters[row].feed(tokenizer.decode([token]))
+        if all(f.stopped for f in filters):
+            break
+    stats.decode_s = time.perf_counter() - start - stats.prefill_s
+    for row, stop_filter in enumerate(filters):
+        yield row, stop_filter.flush()
+
+
+def resolve_run(run: str, runs_dir: Path) -> RunPaths:
+    if run == "latest":
+        found = latest_run(runs_dir, f"artifacts/export/{WEIGHTS_FILE}")
+        if found is None:
+            raise UserError(f"no run with an export in {runs_dir}/; train one with "
+                            "python train.py, or pass --run runs/<id>")
+        return RunPaths(found)
+    root = Path(run)
+    if not root.is_dir():
+        raise UserError(f"run folder {root} does not exist; runs live in runs/<id>")
+    return RunPaths(root)
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file is None:
+        prompt = args.prompt
+    else:
+        try:
+            prompt = args.prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"cannot read --prompt-file {args.prompt_file}: {error}") from None
+    if not prompt:
+        raise UserError("the prompt is empty; pass --prompt TEXT with at least one character")
+    return prompt
+
+
+def check_args(args: argparse.Namespace) -> SamplingConfig:
+    for name in ("max_new_tokens", "num_samples"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, "
+                            f"got {getattr(args, name)}")
+    try:
+        return SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p,
+                              args.repetition_penalty)
+    except ConfigFieldError as error:
+        raise UserError(f"--{error.fields[0].replace('_', '-')}: {error}") from None
+
+
+def generate(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    sampling = check_args(args)
+    prompt = read_prompt(args)
+    run = resolve_run(args.run, args.runs_dir)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model, tokenizer = load_export(run.export, device)
+    try:
+        prompt_ids = torch.tensor([tokenizer.encode(prompt)] * args.num_samples, device=device)
+    except UnknownCharactersError as error:
+        raise UserError(f"the prompt has {error}; the model knows only the characters of its "
+                        "training text") from None
+    seed = args.seed if args.seed is not None else torch.seed() % 2**32
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    stats = GenerationStats(batch_size=args.num_samples, prompt_tokens=prompt_ids.size(1))
+    texts = [prompt] * args.num_samples
+    stream = not args.no_stream
+    if stream:
+        sys.stdout.write(prompt)
+    with autocast(device, dtype):
+        for row, piece in stream_samples(model, tokenizer, prompt_ids, args, sampling,
+                                         generator, stats):
+            texts[row] += piece
+            if stream and row == 0:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    # sample 0 was streamed live; the others are printed once the batch is done
+    shown = texts[1:] if stream else texts
+    if stream and shown:
+        sys.stdout.write(SAMPLE_SEPARATOR)
+    sys.stdout.write(SAMPLE_SEPARATOR.join(shown) + "\n")
+    sys.stdout.flush()
+    console.info(stats.summary(seed))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(generate, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""inference.py: loading a run's export, streaming, stop strings, and bad input."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import inference
+from inference import StopFilter
+from model import LanguageModel, ModelConfig
+from tokenizer import CharTokenizer
+from utils.checkpoint import save_export, weights_of
+from utils.runs import create_run
+
+VOCAB = "\nabcdefghijklmnopqrstuvwxyz .,"
+
+
+@pytest.fixture
+def exported_run(tmp_path: Path) -> Path:
+    tokenizer = CharTokenizer.from_text(VOCAB)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2,
+                         n_embd=16, dropout=0.0)
+    torch.manual_seed(0)
+    run = create_run(tmp_path / "runs", "infer")
+    save_export(run.export, LanguageModel(config), tokenizer)
+    return run.root
+
+
+def run_inference(capsys, *argv: str) -> tuple[int, str, str]:
+    code = inference.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_streams_prompt_and_reports_timings(exported_run, capsys):
+    code, out, err = run_inference(capsys, "--run", str(exported_run), "--prompt", "to be",
+                                   "--max-new-tokens", "20", "--seed", "1")
+    assert code == 0
+    assert out.startswith("to be") and len(out) == len("to be") + 20 + 1
+    assert err.strip().splitlines()[-1].startswith("prompt tokens 5, new tokens 20, prefill ")
+    assert "tokens/s, seed 1" in err
+
+
+def test_same_seed_gives_the_same_text_and_cache_matches_no_cache(exported_run, capsys):
+    args = ["--run", str(exported_run), "--max-new-tokens", "40", "--seed", "3"]
+    first = run_inference(capsys, *args)[1]
+    assert run_inference(capsys, *args)[1] == first
+    assert run_inference(capsys, *args, "--no-kv-cache")[1] == first
+    assert run_inference(capsys, *args, "--no-stream")[1] == first
+
+
+def test_several_samples_are_printed_one_after_another(exported_run, capsys):
+    _, out, _ = run_inference(capsys, "--run", str(exported_run), "--num-samples", "3",
+                              "--max-new-tokens", "10", "--prompt", "a", "--seed", "2")
+    samples = out.rstrip("\n").split(inference.SAMPLE_SEPARATOR)
+    assert len(samples) == 3 and all(s.startswith("a") and len(s) == 11 for s in samples)
+
+
+def test_latest_picks_the_newest_run_with_an_export(exported_run, capsys):
+    runs_dir = exported_run.parent
+    create_run(runs_dir, "zz_no_export")  # newer, but has nothing to load
+    code, _, err = run_inference(capsys, "--runs-dir", str(runs_dir), "--max-new-tokens", "5",
+                                 "--seed", "0")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("stops", "pieces", "shown"),
+    [
+        (["ab"], ["x", "a", "b", "y"], ["x", "", "", ""]),  # 'a' held back, then a match
+        (["ab"], ["x", "a", "c"], ["x", "", "ac"]),  # 'a' released once ruled out
+        (["\n\n", "END"], ["hi", "\n", "E", "N", "D"], ["hi", "", "\n", "", ""]),
+        (["ab"], ["x", "a"], ["x", "a"]),  # a held-back tail is shown when generation ends
+        ([], ["a", "b"], ["a", "b"]),
+    ],
+)
+def test_stop_filter_never_shows_part_of_a_stop_string(stops, pieces, shown):
+    stop_filter = StopFilter(stops)
+    outputs = [stop_filter.feed(p) for p in pieces]
+    outputs[-1] += stop_filter.flush()
+    assert outputs == shown
+
+
+def test_generation_ends_at_the_stop_string(exported_run, capsys):
+    args = ["--run", str(exported_run), "--max-new-tokens", "200", "--seed", "4",
+            "--temperature", "0", "--prompt", "a"]
+    generated = run_inference(capsys, *args)[1][1:-1]  # without the prompt and final newline
+    stop = generated[5:7]  # greedy output is deterministic, so it holds this stop string
+    code, out, _ = run_inference(capsys, *args, "--stop", stop)
+    assert code == 0
+    assert out == "a" + generated[:generated.index(stop)] + "\n"
+
+
+def test_bad_input_gets_one_line_and_exit_2(exported_run, tmp_path, capsys):
+    run = str(exported_run)
+    cases = [
+        (["--run", str(tmp_path / "missing")], "run folder .*missing does not exist"),
+        (["--run", run, "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (["--run", run, "--top-p", "0"], r"--top-p: top_p must be in \(0, 1\]"),
+        (["--run", run, "--temperature", "-0.5"], "--temperature: temperature must be >= 0"),
+        (["--run", run, "--prompt", "ZQ!"], r"the prompt has 3 character\(s\) outside the "
+                                            r"vocabulary: '!', 'Q', 'Z'"),
+        (["--run", run, "--top-k", "x"], "invalid int value"),
+    ]
+    for argv, message in cases:
+        code, out, err = run_inference(capsys, *argv)
+        assert code == 2, argv
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        assert re.search(message, lines[0]), (message, lines[0])
+
+
+def test_run_without_export_says_how_to_make_one(tmp_path, capsys):
+    run = create_run(tmp_path, "empty")
+    code, _, err = run_inference(capsys, "--run", str(run.root))
+    assert code == 2
+    assert "has no complete export yet" in err and "python train.py" in err
+
+
+def test_corrupt_weights_are_reported(exported_run, capsys):
+    weights = exported_run / "artifacts" / "export" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, _, err = run_inference(capsys, "--run", str(exported_run))
+    assert code == 2 and "corrupt or truncated" in err
+
+
+def test_config_that_does_not_match_the_weights_names_the_tensor(exported_run, capsys):
+    export = exported_run / "artifacts" / "export"
+    model, _ = inference.load_export(export)
+    weights = weights_of(model)
+    weights["blocks.0.mlp.fc.weight"] = torch.zeros(3, 3)
+    save_file(weights, export / "model.safetensors")
+    code, _, err = run_inference(capsys, "--run", str(exported_run))
+    assert code == 2
+    assert "tensor blocks.0.mlp.fc.weight has shape (3, 3) but the config gives (64, 16)" in err

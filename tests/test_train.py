@@ -1,0 +1,138 @@
+"""train.py end to end through its CLI, plus the schedule and the training step."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from data import split_ids
+from model import LanguageModel, ModelConfig
+from tests.conftest import PROJECT_ROOT, run_script
+from train import build_optimizer, estimate_loss, lr_at, train_step
+from utils.checkpoint import load_export
+from utils.config import TrainConfig
+
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "48", "--block-size", "32",
+        "--batch-size", "16", "--eval-iters", "10", "--sample-tokens", "50", "--device", "cpu"]
+
+
+def test_tiny_training_run_learns_exports_and_fills_its_run_folder(tmp_path):
+    runs = tmp_path / "runs"
+    result = run_script("train.py", *TINY, "--max-iters", "300", "--eval-interval", "150",
+                        "--learning-rate", "3e-3", "--run-tag", "e2e", "--runs-dir", str(runs))
+    assert result.returncode == 0, result.stderr
+    run_dir = Path(re.search(r"run folder: (\S+)", result.stdout).group(1))
+    assert run_dir.parent == runs and run_dir.name.endswith("_e2e")
+    for name in ("artifacts/export/model.safetensors", "artifacts/export/config.json",
+                 "artifacts/export/tokenizer.json", "meta/git.txt", "meta/env.txt",
+                 "meta/full_config.json", "meta/command.txt"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "artifacts" / "checkpoints").is_dir()
+
+    final_val = float(re.search(r"val loss (\d+\.\d+)", result.stdout).group(1))
+    vocab_size = len(set((PROJECT_ROOT / "input.txt").read_text(encoding="utf-8")))
+    assert final_val < math.log(vocab_size) - 1.2
+
+    # the export is the trained model: it reproduces the reported val loss on the same batches
+    model, tokenizer = load_export(run_dir / "artifacts" / "export")
+    config = json.loads((run_dir / "meta" / "full_config.json").read_text())
+    cfg = TrainConfig(**config["train"])
+    ids = torch.tensor(tokenizer.encode((PROJECT_ROOT / "input.txt").read_text()))
+    splits = split_ids(ids, cfg.train_split, model.config.block_size)
+    losses = estimate_loss(model, splits, cfg, model.config.block_size,
+                           (torch.device("cpu"), torch.float32))
+    assert losses["val"] == pytest.approx(final_val, abs=1e-4)
+    assert config["model"]["vocab_size"] == vocab_size
+
+    events = EventAccumulator(str(run_dir / "logs" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "lr", "tokens_per_sec"} <= tags
+    assert [e.step for e in events.Scalars("val/loss")] == [150, 300]
+
+
+def test_missing_data_file_exits_2_and_creates_no_run(tmp_path):
+    runs = tmp_path / "runs"
+    result = run_script("train.py", "--data-path", str(tmp_path / "nope.txt"),
+                        "--runs-dir", str(runs))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: data file {tmp_path / 'nope.txt'} does not exist; pass --data-path PATH to a "
+        "text file"]
+    assert not runs.exists()
+
+
+def test_ctrl_c_stops_training_and_still_exports(tmp_path):
+    runs = tmp_path / "runs"
+    process = subprocess.Popen(
+        [sys.executable, str(PROJECT_ROOT / "train.py"), *TINY, "--max-iters", "100000",
+         "--runs-dir", str(runs)], cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(runs.glob("*/logs/tensorboard/events*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # let it take some steps
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "interrupted after" in err and "Traceback" not in err
+    (run_dir,) = runs.iterdir()
+    load_export(run_dir / "artifacts" / "export")
+    assert f"run folder: {run_dir}" in out
+
+
+def test_lr_warms_up_then_decays_to_min_lr():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    warmup = [lr_at(s, cfg) for s in range(10)]
+    assert warmup == sorted(warmup) and warmup[-1] < 1.0
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # halfway through the cosine
+    assert lr_at(110, cfg) == lr_at(500, cfg) == pytest.approx(0.1)
+
+
+class FixedBatches:
+    """Hands out prepared (x, y) batches in order, in place of a BatchSampler."""
+
+    def __init__(self, batches):
+        self.batches = list(batches)
+
+    def next_batch(self):
+        return self.batches.pop(0)
+
+
+def test_grad_accumulation_matches_one_large_batch():
+    config = ModelConfig(vocab_size=13, block_size=8, n_layer=1, n_head=2, n_embd=16,
+                         dropout=0.0)
+    x, y = torch.randint(13, (8, 8)), torch.randint(13, (8, 8))
+    precision = (torch.device("cpu"), torch.float32)
+    weights = []
+    for accum, batches in ((1, [(x, y)]), (2, [(x[:4], y[:4]), (x[4:], y[4:])])):
+        torch.manual_seed(0)
+        model = LanguageModel(config)
+        cfg = TrainConfig(grad_accum_steps=accum, batch_size=8 // accum)
+        optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        loss, _ = train_step(model, optimizer, FixedBatches(batches), cfg, precision, scaler)
+        weights.append((loss.item(), model.blocks[0].mlp.fc.weight.detach().clone()))
+    assert weights[0][0] == pytest.approx(weights[1][0], abs=1e-6)
+    torch.testing.assert_close(weights[0][1], weights[1][1], atol=1e-6, rtol=0)
+
+
+def test_weight_decay_applies_to_matrices_only():
+    model = LanguageModel(ModelConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=4,
+                                      bias=True))
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.3), torch.device("cpu"))
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.3 and plain["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"])
+    assert all(p.dim() == 1 for p in plain["params"])
