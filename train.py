@@ -11,6 +11,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from utils.config import Config, ConfigLoader, TrainConfig
 from utils.device import autocast, resolve_device, resolve_dtype
 from utils.errors import run_main
 from utils.runs import RunPaths, command_line, create_run, write_metadata
-from utils.tracking import Tracker
+from utils.tracking import Tracker, check_aim_available, flat_hparams
 
 INTERRUPTED_EXIT_CODE = 130
 # evaluation batches come from their own fixed seed, so every evaluation sees the same windows
@@ -76,6 +77,8 @@ def train_step(
     Returns the mean loss and the gradient norm as device tensors: reading them (.item())
     waits for the device, so the caller does that only when it logs.
     """
+    # zeroed here rather than after the update, so the step's gradients can still be inspected
+    optimizer.zero_grad(set_to_none=True)
     total_loss = torch.zeros((), device=precision[0])
     for _ in range(cfg.grad_accum_steps):
         x, y = batches.next_batch()
@@ -90,7 +93,6 @@ def train_step(
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
     return total_loss, grad_norm
 
 
@@ -145,6 +147,38 @@ def prepare(config: Config) -> tuple[Config, CharTokenizer, Splits]:
     return dataclasses.replace(config, model=model_config), tokenizer, splits
 
 
+@dataclass
+class TrainingState:
+    """Everything that changes as training runs."""
+
+    model: LanguageModel  # the plain module: what is saved and exported
+    step_model: torch.nn.Module  # what runs the steps: the model itself or its compiled form
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    scaler: torch.amp.GradScaler
+    batches: BatchSampler
+    step: int = 0  # optimizer steps completed
+    best_val_loss: float = math.inf
+    last_losses: dict[str, float] = field(default_factory=dict)
+
+
+def init_state(config: Config, splits: Splits, device: torch.device,
+               dtype: torch.dtype) -> TrainingState:
+    cfg = config.train
+    seed_everything(cfg.seed)
+    model = LanguageModel(config.model).to(device)
+    optimizer = build_optimizer(model, cfg, device)
+    return TrainingState(
+        model=model,
+        step_model=torch.compile(model) if cfg.compile else model,
+        optimizer=optimizer,
+        scheduler=LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.learning_rate),
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        batches=BatchSampler(splits.train, config.model.block_size, cfg.batch_size, cfg.seed,
+                             device),
+    )
+
+
 def train(argv: Sequence[str]) -> int:
     loader = ConfigLoader()
     config = loader.load(loader.build_parser(__doc__).parse_args(argv))
@@ -152,76 +186,102 @@ def train(argv: Sequence[str]) -> int:
     device = resolve_device(cfg.device)
     precision = (device, resolve_dtype(cfg.dtype, device))
     config, tokenizer, splits = prepare(config)
+    if cfg.aim_logging:
+        check_aim_available()
     # every input is valid: only now does the run get a folder
     run = create_run(Path(cfg.runs_dir), cfg.run_tag)
-    write_metadata(run, config.to_dict(), command_line("train.py", argv))
+    metadata = write_metadata(run, config.to_dict(), command_line("train.py", argv))
 
-    seed_everything(cfg.seed)
-    model = LanguageModel(config.model).to(device)
-    optimizer = build_optimizer(model, cfg, device)
-    scheduler = LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.learning_rate)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision[1] == torch.float16)
-    step_model = torch.compile(model) if cfg.compile else model
-    batches = BatchSampler(splits.train, config.model.block_size, cfg.batch_size, cfg.seed, device)
+    state = init_state(config, splits, *precision)
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * config.model.block_size
     console.info(
-        f"run {run.run_id}: {model.num_parameters() / 1e6:.2f}M parameters, "
+        f"run {run.run_id}: {state.model.num_parameters() / 1e6:.2f}M parameters, "
         f"vocab {tokenizer.vocab_size}, device {device}, dtype {str(precision[1])[6:]}, "
         f"{tokens_per_step} tokens per step"
     )
-
-    tracker = Tracker(run.tensorboard)
+    tracker = Tracker.open(run, config, metadata)
     try:
-        exit_code, final = training_loop(step_model, model, optimizer, scheduler, scaler,
-                                         batches, splits, config, precision, tracker)
+        exit_code = training_loop(state, splits, config, precision, tracker, tokenizer)
+        tracker.log_summary(flat_hparams(config), {
+            "hparams/final_val_loss": state.last_losses.get("val", math.nan),
+            "hparams/best_val_loss": state.best_val_loss,
+        })
     finally:
         tracker.close()
-    save_export(run.export, model, tokenizer)
-    report(run, final, sample_text(model, tokenizer, cfg.sample_tokens, cfg.seed, device))
+    save_export(run.export, state.model, tokenizer)
+    sample = sample_text(state.model, tokenizer, cfg.sample_tokens, cfg.seed, device)
+    report(run, state.last_losses, sample)
     return exit_code
 
 
 def training_loop(
-    step_model, model, optimizer, scheduler, scaler, batches, splits, config, precision, tracker
-) -> tuple[int, dict[str, float]]:
-    """Run optimizer steps until max_iters or Ctrl-C; return (exit code, last eval losses)."""
+    state: TrainingState, splits: Splits, config: Config,
+    precision: tuple[torch.device, torch.dtype], tracker: Tracker, tokenizer: CharTokenizer,
+) -> int:
+    """Run optimizer steps until max_iters or Ctrl-C; return the exit code."""
     cfg = config.train
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * config.model.block_size
-    losses: dict[str, float] = {}
-    progress = tqdm(total=cfg.max_iters, desc="train", unit="step", dynamic_ncols=True)
+    progress = tqdm(total=cfg.max_iters, initial=state.step, desc="train", unit="step",
+                    dynamic_ncols=True, mininterval=0.5)
     window_start, window_steps = time.perf_counter(), 0
     try:
-        for step in range(cfg.max_iters):
-            loss, _ = train_step(step_model, optimizer, batches, cfg, precision, scaler)
-            scheduler.step()
+        while state.step < cfg.max_iters:
+            loss, grad_norm = train_step(state.step_model, state.optimizer, state.batches, cfg,
+                                         precision, state.scaler)
+            state.scheduler.step()
+            state.step += 1
             window_steps += 1
-            done = step + 1
             progress.update(1)
-            if done % cfg.log_interval == 0 or done == cfg.max_iters:
-                loss_value = loss.item()  # the one host-device sync per log interval
-                elapsed = time.perf_counter() - window_start
-                tokens_per_sec = window_steps * tokens_per_step / elapsed
-                lr = optimizer.param_groups[0]["lr"]
-                tracker.log({"train/loss": loss_value, "lr": lr,
-                             "tokens_per_sec": tokens_per_sec}, done)
-                val = f"{losses['val']:.4f}" if losses else "-"
-                progress.set_postfix(loss=f"{loss_value:.4f}", val=val, lr=f"{lr:.2e}",
-                                     tok_s=f"{tokens_per_sec:,.0f}")
+            step = state.step
+            if cfg.histogram_interval and step % cfg.histogram_interval == 0:
+                log_histograms(state.model, tracker, step)
+            if step % cfg.log_interval == 0 or step == cfg.max_iters:
+                metrics = {"train/loss": loss.item(), "grad_norm": grad_norm.item(),
+                           "lr": state.optimizer.param_groups[0]["lr"],
+                           "tokens_per_sec": window_steps * tokens_per_step
+                           / (time.perf_counter() - window_start)}
+                tracker.log(metrics, step)
+                val = f"{state.last_losses['val']:.4f}" if state.last_losses else "-"
+                progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", val=val,
+                                     lr=f"{metrics['lr']:.2e}",
+                                     tok_s=f"{metrics['tokens_per_sec']:,.0f}")
                 window_start, window_steps = time.perf_counter(), 0
-            if done % cfg.eval_interval == 0 or done == cfg.max_iters:
-                losses = estimate_loss(step_model, splits, cfg, config.model.block_size,
-                                       precision)
-                tracker.log({"train/loss_eval": losses["train"], "val/loss": losses["val"]},
-                            done)
-                console.info(f"step {done}: train loss {losses['train']:.4f}, "
-                             f"val loss {losses['val']:.4f}")
+            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                evaluate(state, splits, config, precision, tracker, tokenizer)
                 window_start, window_steps = time.perf_counter(), 0
     except KeyboardInterrupt:
         progress.close()
-        console.warn(f"interrupted after {progress.n} steps; exporting the weights trained so far")
-        return INTERRUPTED_EXIT_CODE, losses
+        console.warn(f"interrupted after {state.step} steps; exporting the weights trained so far")
+        return INTERRUPTED_EXIT_CODE
     progress.close()
-    return 0, losses
+    return 0
+
+
+def evaluate(
+    state: TrainingState, splits: Splits, config: Config,
+    precision: tuple[torch.device, torch.dtype], tracker: Tracker, tokenizer: CharTokenizer,
+) -> None:
+    """Losses on both splits and a sample, logged at the current step."""
+    losses = estimate_loss(state.step_model, splits, config.train, config.model.block_size,
+                           precision)
+    state.last_losses = losses
+    state.best_val_loss = min(state.best_val_loss, losses["val"])
+    tracker.log({"train/loss_eval": losses["train"], "val/loss": losses["val"],
+                 "val/perplexity": math.exp(losses["val"])}, state.step)
+    if config.train.sample_tokens:
+        sample = sample_text(state.model, tokenizer, config.train.sample_tokens,
+                             config.train.seed, precision[0])
+        tracker.log_text("samples", sample, state.step)
+    console.info(f"step {state.step}: train loss {losses['train']:.4f}, "
+                 f"val loss {losses['val']:.4f}")
+
+
+def log_histograms(model: torch.nn.Module, tracker: Tracker, step: int) -> None:
+    """Parameter and gradient distributions; gradients are those of the step just taken."""
+    named = list(model.named_parameters())
+    tensors = {f"params/{name}": p for name, p in named}
+    tensors.update({f"grads/{name}": p.grad for name, p in named if p.grad is not None})
+    tracker.log_distributions(tensors, step)
 
 
 def report(run: RunPaths, losses: dict[str, float], sample: str) -> None:

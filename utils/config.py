@@ -71,7 +71,16 @@ class TrainConfig:
     )
     log_interval: int = field(default=10, metadata=_help("steps between train-loss logs"))
     sample_tokens: int = field(
-        default=500, metadata=_help("characters generated for the sample printed at the end")
+        default=500, metadata=_help("characters sampled at each evaluation and the end; 0 = off")
+    )
+    histogram_interval: int = field(
+        default=0, metadata=_help("steps between parameter and gradient histograms; 0 = none")
+    )
+    aim_logging: bool = field(
+        default=False, metadata={"help": "also track the run in Aim", "aliases": ("--aim",)}
+    )
+    aim_repo: str | None = field(
+        default=None, metadata=_help("folder holding the Aim repo (.aim); none = the project root")
     )
     seed: int = field(default=1337, metadata=_help("seed for Python, numpy, torch and batches"))
     device: str = field(default="auto", metadata=_help("auto (cuda, then mps, then cpu), cpu, "
@@ -91,7 +100,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigFieldError(f"{name} must be at least 1", name)
-        for name in ("warmup_iters", "sample_tokens"):
+        for name in ("warmup_iters", "sample_tokens", "histogram_interval"):
             if getattr(self, name) < 0:
                 raise ConfigFieldError(f"{name} must be >= 0", name)
         if not 0.0 < self.train_split < 1.0:
@@ -187,12 +196,12 @@ class ConfigLoader:
                     continue
                 value = defaults[spec.name][0]
                 help_text = f"{spec.metadata['help']} (default: {_format(value)})"
-                flag = "--" + spec.name.replace("_", "-")
+                flags = ["--" + spec.name.replace("_", "-"), *spec.metadata.get("aliases", ())]
                 if _field_type(spec.name) is bool:
-                    group.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction,
-                                       default=argparse.SUPPRESS, help=help_text)
+                    group.add_argument(*flags, dest=spec.name, default=argparse.SUPPRESS,
+                                       action=argparse.BooleanOptionalAction, help=help_text)
                 else:
-                    group.add_argument(flag, dest=spec.name, default=argparse.SUPPRESS,
+                    group.add_argument(*flags, dest=spec.name, default=argparse.SUPPRESS,
                                        metavar=_metavar(spec.name), help=help_text)
         return parser
 

@@ -66,12 +66,20 @@ def create_run(runs_dir: Path, tag: str, now: datetime | None = None) -> RunPath
     raise RuntimeError(f"could not find a free run folder name for {stem} in {runs_dir}")
 
 
-def write_metadata(run: RunPaths, config: dict[str, Any], command: str) -> None:
-    """meta/: git state and diff, environment, the merged config and the command line."""
-    (run.meta / "git.txt").write_text(git_state(PROJECT_ROOT), encoding="utf-8")
-    (run.meta / "env.txt").write_text(environment_report(), encoding="utf-8")
-    (run.meta / "full_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (run.meta / "command.txt").write_text(command + "\n", encoding="utf-8")
+def write_metadata(run: RunPaths, config: dict[str, Any], command: str) -> dict[str, str]:
+    """meta/: git state and diff, environment, the merged config and the command line.
+
+    Returns the texts by name, so trackers can keep a copy."""
+    texts = {
+        "git": git_state(PROJECT_ROOT),
+        "env": environment_report(),
+        "full_config": json.dumps(config, indent=2) + "\n",
+        "command": command + "\n",
+    }
+    for name, text in texts.items():
+        suffix = ".json" if name == "full_config" else ".txt"
+        (run.meta / f"{name}{suffix}").write_text(text, encoding="utf-8")
+    return texts
 
 
 def command_line(

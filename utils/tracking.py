@@ -1,26 +1,179 @@
-"""One Tracker the training loop logs through; TensorBoard is always behind it."""
+"""One Tracker the training loop logs through; TensorBoard always, Aim when asked for.
+
+    tracker = Tracker.open(run, config, metadata)     # builds only the enabled backends
+    tracker.log({"train/loss": 1.9, "lr": 3e-4}, step=100)
+    tracker.close()
+
+Metric names are TensorBoard's ("train/loss", "val/perplexity", "lr"); the Aim backend files a
+"subset/name" metric as `name` with context {"subset": subset}, so train and val losses share
+one chart there.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Protocol
 
+import torch
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+from utils.config import PROJECT_ROOT, Config
+from utils.errors import UserError
+from utils.runs import RunPaths
+
+
+class Backend(Protocol):
+    def start(self, config: Config, metadata: Mapping[str, str]) -> None: ...
+    def log(self, metrics: Mapping[str, float], step: int) -> None: ...
+    def log_distributions(self, tensors: Mapping[str, torch.Tensor], step: int) -> None: ...
+    def log_text(self, name: str, text: str, step: int) -> None: ...
+    def log_summary(self, hparams: Mapping[str, Any], results: Mapping[str, float]) -> None: ...
+    def close(self) -> None: ...
 
 
 class Tracker:
-    """Scalars and text for a run, written to its logs/tensorboard folder."""
+    """Fans every call out to the enabled backends."""
 
-    def __init__(self, tensorboard_dir: Path) -> None:
-        self.writer = SummaryWriter(log_dir=str(tensorboard_dir))
+    def __init__(self, backends: list[Backend]) -> None:
+        self.backends = backends
+
+    @classmethod
+    def open(cls, run: RunPaths, config: Config, metadata: Mapping[str, str]) -> Tracker:
+        """TensorBoard in the run folder, plus Aim if config.train.aim_logging."""
+        backends: list[Backend] = [TensorBoardBackend(run.tensorboard)]
+        if config.train.aim_logging:
+            backends.append(AimBackend(run, aim_repo_path(config)))
+        tracker = cls(backends)
+        for backend in backends:
+            backend.start(config, metadata)
+        return tracker
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        for backend in self.backends:
+            backend.log(metrics, step)
+
+    def log_distributions(self, tensors: Mapping[str, torch.Tensor], step: int) -> None:
+        cpu = {name: t.detach().float().flatten().cpu() for name, t in tensors.items()}
+        for backend in self.backends:
+            backend.log_distributions(cpu, step)
+
+    def log_text(self, name: str, text: str, step: int) -> None:
+        for backend in self.backends:
+            backend.log_text(name, text, step)
+
+    def log_summary(self, hparams: Mapping[str, Any], results: Mapping[str, float]) -> None:
+        """Hyperparameters with the run's final results, for comparing runs side by side."""
+        for backend in self.backends:
+            backend.log_summary(hparams, results)
+
+    def close(self) -> None:
+        for backend in self.backends:
+            backend.close()
+
+
+def flat_hparams(config: Config) -> dict[str, Any]:
+    """The config as one flat mapping of scalars; None becomes the string 'none'."""
+    flat = {**config.to_dict()["model"], **config.to_dict()["train"]}
+    return {k: "none" if v is None else v for k, v in flat.items()}
+
+
+def aim_repo_path(config: Config) -> Path:
+    """The folder holding the Aim repo (`.aim`), as `aim up --repo` takes it."""
+    return Path(config.train.aim_repo) if config.train.aim_repo else PROJECT_ROOT
+
+
+def check_aim_available() -> None:
+    """Fail before training starts if Aim is asked for but cannot be imported."""
+    try:
+        import aim  # noqa: F401
+    except Exception as error:  # a broken install raises more than ImportError
+        raise UserError(
+            f"Aim logging was requested but aim cannot be imported ({error}); "
+            "install it with pip install aim, or turn it off with --no-aim"
+        ) from None
+
+
+class TensorBoardBackend:
+    def __init__(self, log_dir: Path) -> None:
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def start(self, config: Config, metadata: Mapping[str, str]) -> None:
+        self.log_text("config", json.dumps(config.to_dict(), indent=2), 0)
+        for name, text in metadata.items():
+            self.log_text(f"meta/{name}", text, 0)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
 
+    def log_distributions(self, tensors: Mapping[str, torch.Tensor], step: int) -> None:
+        for name, values in tensors.items():
+            self.writer.add_histogram(name, values, step)
+
     def log_text(self, name: str, text: str, step: int) -> None:
-        # TensorBoard renders text as markdown; a code block keeps line breaks and spacing
-        self.writer.add_text(name, "```\n" + text + "\n```", step)
+        # TensorBoard renders text as markdown; indenting makes it a code block, which keeps
+        # line breaks and spacing
+        self.writer.add_text(name, "    " + text.replace("\n", "\n    "), step)
+
+    def log_summary(self, hparams: Mapping[str, Any], results: Mapping[str, float]) -> None:
+        # written into this run's own event file (add_hparams would start a sub-run)
+        experiment, start, end = hparams_summary(dict(hparams), dict(results))
+        file_writer = self.writer._get_file_writer()
+        for summary in (experiment, start, end):
+            file_writer.add_summary(summary)
+        self.log(results, step=0)
 
     def close(self) -> None:
         self.writer.close()
+
+
+class AimBackend:
+    def __init__(self, run: RunPaths, repo_path: Path) -> None:
+        import aim
+
+        self.aim = aim
+        repo_path.mkdir(parents=True, exist_ok=True)
+        # the same as `aim init` on first use; later runs share the repo
+        repo = aim.Repo.from_path(str(repo_path), init=not aim.Repo.exists(str(repo_path)))
+        self.run = aim.Run(repo=repo)
+        self.run.name = run.run_id
+        (run.meta / "aim_run.txt").write_text(f"{self.run.hash}\n{repo_path}\n")
+
+    def start(self, config: Config, metadata: Mapping[str, str]) -> None:
+        self.run["hparams"] = flat_hparams(config)
+        self.run["meta"] = dict(metadata)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        for name, value in metrics.items():
+            metric, context = _aim_name(name)
+            self.run.track(value, name=metric, step=step, context=context)
+
+    def log_distributions(self, tensors: Mapping[str, torch.Tensor], step: int) -> None:
+        for name, values in tensors.items():
+            metric, context = _aim_name(name)
+            self.run.track(self.aim.Distribution(values.numpy()), name=metric, step=step,
+                           context=context)
+
+    def log_text(self, name: str, text: str, step: int) -> None:
+        metric, context = _aim_name(name)
+        self.run.track(self.aim.Text(text), name=metric, step=step, context=context)
+
+    def log_summary(self, hparams: Mapping[str, Any], results: Mapping[str, float]) -> None:
+        self.run["results"] = dict(results)
+
+    def close(self) -> None:
+        self.run.close()
+
+
+def _aim_name(name: str) -> tuple[str, dict[str, str]]:
+    """'val/loss' -> ('loss', {'subset': 'val'}); 'params/blocks.0.qkv.weight' keeps its path
+    in the context; names without a slash have no context."""
+    if "/" not in name:
+        return name, {}
+    head, tail = name.split("/", 1)
+    if head in ("train", "val"):
+        return tail, {"subset": head}
+    return head, {"tensor": tail}

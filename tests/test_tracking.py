@@ -1,0 +1,164 @@
+"""Tracking read back with each tool's own reader: TensorBoard's EventAccumulator and aim.Repo."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import PROJECT_ROOT, run_script
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+        "--batch-size", "8", "--eval-iters", "4", "--sample-tokens", "40", "--device", "cpu",
+        "--max-iters", "40", "--log-interval", "10", "--eval-interval", "20",
+        "--histogram-interval", "20"]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory) -> tuple[Path, Path]:
+    """One tiny run tracked by TensorBoard and Aim: (run folder, Aim repo folder)."""
+    tmp = tmp_path_factory.mktemp("tracked")
+    result = run_script("train.py", *TINY, "--aim", "--aim-repo", str(tmp / "aim"),
+                        "--runs-dir", str(tmp / "runs"), "--run-tag", "tracked")
+    assert result.returncode == 0, result.stderr
+    run_dir = Path(re.search(r"run folder: (\S+)", result.stdout).group(1))
+    return run_dir, tmp / "aim"
+
+
+def find_aim_run(repo_path: Path, name: str):
+    """The Aim run with this name, read through aim.Repo.
+
+    Aim's SDK reads runs through the repo index, which `aim up` keeps current in the
+    background; `aim storage reindex` brings it up to date here without a server."""
+    import aim
+
+    subprocess.run([str(BIN / "aim"), "storage", "--repo", str(repo_path), "reindex", "--yes"],
+                   check=True, capture_output=True)
+    runs = [run for run in aim.Repo.from_path(str(repo_path)).iter_runs() if run.name == name]
+    assert len(runs) == 1, f"expected one Aim run named {name}, found {len(runs)}"
+    return runs[0]
+
+
+def steps_and_values(sequence) -> tuple[list[int], list[float]]:
+    steps, (values, *_) = sequence.data.items_list()
+    return steps, values
+
+
+def test_tensorboard_holds_scalars_histograms_text_and_hparams(tracked_run):
+    run_dir, _ = tracked_run
+    events = EventAccumulator(str(run_dir / "logs" / "tensorboard"),
+                              size_guidance={"tensors": 0, "histograms": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("train/loss", "grad_norm", "lr", "tokens_per_sec"):
+        assert [e.step for e in events.Scalars(tag)] == [10, 20, 30, 40], tag
+    for tag in ("val/loss", "train/loss_eval", "val/perplexity"):
+        assert [e.step for e in events.Scalars(tag)] == [20, 40], tag
+    assert "hparams/best_val_loss" in tags["scalars"]
+    histograms = set(tags["histograms"])
+    assert {"params/token_embedding.weight", "grads/blocks.0.attn.qkv.weight"} <= histograms
+    assert [e.step for e in events.Histograms("grads/token_embedding.weight")] == [20, 40]
+    text_tags = {t.removesuffix("/text_summary") for t in tags["tensors"]}
+    assert {"samples", "config", "meta/git", "meta/env", "meta/command"} <= text_tags
+    assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
+
+
+def test_aim_run_is_named_by_run_id_with_hparams_losses_and_closed(tracked_run):
+    from aim.storage.context import Context
+
+    run_dir, aim_repo = tracked_run
+    run = find_aim_run(aim_repo, run_dir.name)
+    assert run["hparams"]["n_layer"] == 1 and run["hparams"]["batch_size"] == 8
+    assert run["meta"]["git"] == (run_dir / "meta" / "git.txt").read_text()
+    train_steps, _ = steps_and_values(run.get_metric("loss", Context({"subset": "train"})))
+    val_steps, val_values = steps_and_values(run.get_metric("loss", Context({"subset": "val"})))
+    assert (train_steps, val_steps) == ([10, 20, 30, 40], [20, 40])
+    assert run["results"]["hparams/final_val_loss"] == pytest.approx(val_values[-1])
+    for name in ("lr", "tokens_per_sec", "grad_norm"):
+        assert steps_and_values(run.get_metric(name, Context({})))[0] == [10, 20, 30, 40], name
+    assert run.get_text_sequence("samples", Context({})) is not None
+    assert not run.active
+
+
+def test_aim_run_is_closed_after_ctrl_c(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, str(PROJECT_ROOT / "train.py"), *TINY, "--max-iters", "100000",
+         "--aim", "--aim-repo", str(tmp_path / "aim"), "--runs-dir", str(tmp_path / "runs")],
+        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("runs/*/meta/aim_run.txt")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert not find_aim_run(tmp_path / "aim", run_dir.name).active
+
+
+def test_broken_aim_install_is_reported_before_training(tmp_path):
+    fake = tmp_path / "site" / "aim"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('libaim is missing')\n")
+    runs = tmp_path / "runs"
+    result = run_script("train.py", *TINY, "--aim", "--runs-dir", str(runs),
+                        env={"PYTHONPATH": str(tmp_path / "site")})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: Aim logging was requested but aim cannot be imported (libaim is missing); "
+        "install it with pip install aim, or turn it off with --no-aim"]
+    assert not runs.exists()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_and_get(command: list[str], port: int, timeout_s: float = 60) -> int:
+    """Start a UI server on loopback, return the HTTP status of its front page, stop it."""
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+                    return response.status
+            except OSError:
+                if server.poll() is not None:
+                    raise AssertionError(f"{command[0]} exited with {server.returncode}") from None
+                time.sleep(0.5)
+        raise AssertionError(f"{command[0]} did not answer on port {port}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_tensorboard_ui_serves_the_runs(tracked_run):
+    binary = shutil.which("tensorboard", path=str(BIN))
+    if binary is None:
+        pytest.skip("the tensorboard command is not installed")
+    port = free_port()
+    runs_dir = tracked_run[0].parent
+    assert serve_and_get([binary, "--logdir", str(runs_dir), "--host", "127.0.0.1",
+                          "--port", str(port)], port) == 200
+
+
+def test_aim_ui_serves_the_repo(tracked_run):
+    binary = shutil.which("aim", path=str(BIN))
+    if binary is None:
+        pytest.skip("the aim command is not installed")
+    port = free_port()
+    assert serve_and_get([binary, "up", "--repo", str(tracked_run[1]), "--host", "127.0.0.1",
+                          "--port", str(port)], port) == 200
