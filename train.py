@@ -1,17 +1,19 @@
 """Train a character-level GPT on a text file, then export it for inference.py.
 
 Usage: python train.py --run-tag baseline --batch-size 16
+       python train.py --resume runs/<id>      # continue a stopped run from its last checkpoint
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +25,21 @@ from data import BatchSampler, Splits, read_text, split_ids
 from model import LanguageModel
 from tokenizer import CharTokenizer
 from utils import console
-from utils.checkpoint import save_export
+from utils.checkpoint import (
+    TrainingState,
+    checkpoint_meta,
+    find_checkpoint,
+    prune_step_checkpoints,
+    remove_partial_writes,
+    restore_checkpoint,
+    save_checkpoint,
+    save_export,
+)
 from utils.config import Config, ConfigLoader, TrainConfig
 from utils.device import autocast, resolve_device, resolve_dtype
-from utils.errors import run_main
-from utils.runs import RunPaths, command_line, create_run, write_metadata
+from utils.errors import TrainingFailure, UserError, run_main
+from utils.interrupts import GracefulStop
+from utils.runs import RunPaths, command_line, create_run, latest_run, write_metadata
 from utils.tracking import Tracker, check_aim_available, flat_hparams
 
 INTERRUPTED_EXIT_CODE = 130
@@ -64,6 +76,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds every CUDA device too
 
 
+@dataclass(frozen=True)
+class StepResult:
+    loss: torch.Tensor  # mean loss over the micro-batches, on the device
+    grad_norm: torch.Tensor  # global gradient norm before clipping, on the device
+    is_finite: bool  # False: the update was skipped
+
+
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -71,11 +90,11 @@ def train_step(
     cfg: TrainConfig,
     precision: tuple[torch.device, torch.dtype],
     scaler: torch.amp.GradScaler,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over grad_accum_steps micro-batches.
+) -> StepResult:
+    """One optimizer step over grad_accum_steps micro-batches, skipped if anything is non-finite.
 
-    Returns the mean loss and the gradient norm as device tensors: reading them (.item())
-    waits for the device, so the caller does that only when it logs.
+    The finite check is the step's one host-device sync; loss and grad norm stay on the device
+    until the caller logs them.
     """
     # zeroed here rather than after the update, so the step's gradients can still be inspected
     optimizer.zero_grad(set_to_none=True)
@@ -91,9 +110,15 @@ def train_step(
     scaler.unscale_(optimizer)
     max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    scaler.step(optimizer)
+    # with float16 the GradScaler itself skips overflowing steps and lowers its scale
+    finite = torch.isfinite(total_loss)
+    if not scaler.is_enabled():
+        finite = finite & torch.isfinite(grad_norm)
+    is_finite = bool(finite)
+    if is_finite:
+        scaler.step(optimizer)
     scaler.update()
-    return total_loss, grad_norm
+    return StepResult(total_loss, grad_norm, is_finite)
 
 
 @torch.no_grad()
@@ -147,21 +172,6 @@ def prepare(config: Config) -> tuple[Config, CharTokenizer, Splits]:
     return dataclasses.replace(config, model=model_config), tokenizer, splits
 
 
-@dataclass
-class TrainingState:
-    """Everything that changes as training runs."""
-
-    model: LanguageModel  # the plain module: what is saved and exported
-    step_model: torch.nn.Module  # what runs the steps: the model itself or its compiled form
-    optimizer: torch.optim.Optimizer
-    scheduler: LambdaLR
-    scaler: torch.amp.GradScaler
-    batches: BatchSampler
-    step: int = 0  # optimizer steps completed
-    best_val_loss: float = math.inf
-    last_losses: dict[str, float] = field(default_factory=dict)
-
-
 def init_state(config: Config, splits: Splits, device: torch.device,
                dtype: torch.dtype) -> TrainingState:
     cfg = config.train
@@ -179,46 +189,105 @@ def init_state(config: Config, splits: Splits, device: torch.device,
     )
 
 
+def build_parser(loader: ConfigLoader) -> argparse.ArgumentParser:
+    parser = loader.build_parser(__doc__)
+    parser.add_argument(
+        "--resume", metavar="RUN",
+        help="continue runs/<id> (or 'latest') from its last checkpoint, in the same folder; "
+             "only watch-and-length settings such as --max-iters may change")
+    return parser
+
+
+def load_resumed(loader: ConfigLoader, args: argparse.Namespace) -> tuple[RunPaths, Path, Config]:
+    """The run to resume, its last checkpoint, and its saved config with allowed overrides."""
+    if args.resume == "latest":
+        runs_dir = Path(loader.load(args).train.runs_dir)
+        found = latest_run(runs_dir, "artifacts/checkpoints/last.safetensors")
+        if found is None:
+            raise UserError(f"no run with a checkpoint in {runs_dir}/ to resume")
+        run = RunPaths(found)
+    else:
+        run = RunPaths(Path(args.resume))
+        if not run.root.is_dir():
+            raise UserError(f"cannot resume {run.root}: no such run folder")
+    checkpoint = find_checkpoint(run.checkpoints, "last")
+    meta = checkpoint_meta(checkpoint)
+    config = loader.load_for_resume({"model": meta["model_config"],
+                                     "train": meta["train_config"]}, args)
+    if meta["step"] >= config.train.max_iters:
+        raise UserError(
+            f"run {run.run_id} is finished ({meta['step']} of {config.train.max_iters} steps); "
+            f"pass --max-iters N with N > {meta['step']} to train it further"
+        )
+    return run, checkpoint, config
+
+
 def train(argv: Sequence[str]) -> int:
     loader = ConfigLoader()
-    config = loader.load(loader.build_parser(__doc__).parse_args(argv))
+    args = build_parser(loader).parse_args(argv)
+    if args.resume:
+        run, checkpoint, config = load_resumed(loader, args)
+    else:
+        run, checkpoint, config = None, None, loader.load(args)
     cfg = config.train
     device = resolve_device(cfg.device)
     precision = (device, resolve_dtype(cfg.dtype, device))
     config, tokenizer, splits = prepare(config)
     if cfg.aim_logging:
         check_aim_available()
-    # every input is valid: only now does the run get a folder
-    run = create_run(Path(cfg.runs_dir), cfg.run_tag)
-    metadata = write_metadata(run, config.to_dict(), command_line("train.py", argv))
-
     state = init_state(config, splits, *precision)
+    if checkpoint is not None:
+        remove_partial_writes(run.checkpoints)
+        restore_checkpoint(state, checkpoint, config)
+        if checkpoint_meta(checkpoint)["tokenizer"] != tokenizer.chars:
+            raise UserError(f"{cfg.data_path} no longer has the characters the run was "
+                            "trained on; resume with the original text")
+    # every input is valid: only now does the run get (or touch) a folder
+    if run is None:
+        run = create_run(Path(cfg.runs_dir), cfg.run_tag)
+    metadata = write_metadata(run, config.to_dict(), command_line("train.py", argv),
+                              resumed_at_step=state.step if checkpoint else None)
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * config.model.block_size
     console.info(
-        f"run {run.run_id}: {state.model.num_parameters() / 1e6:.2f}M parameters, "
-        f"vocab {tokenizer.vocab_size}, device {device}, dtype {str(precision[1])[6:]}, "
-        f"{tokens_per_step} tokens per step"
+        f"{'resuming' if checkpoint else 'run'} {run.run_id} at step {state.step}: "
+        f"{state.model.num_parameters() / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, "
+        f"device {device}, dtype {str(precision[1])[6:]}, {tokens_per_step} tokens per step"
     )
-    tracker = Tracker.open(run, config, metadata)
+
+    tracker = Tracker.open(run, config, metadata, resume_step=state.step if checkpoint else None)
     try:
-        exit_code = training_loop(state, splits, config, precision, tracker, tokenizer)
+        with GracefulStop() as stop:
+            end = training_loop(state, splits, config, precision, tracker, run, tokenizer, stop)
+            console.info(f"training ended at step {state.step}: {end}")
+            tracker.log_text("end_reason", end, state.step)
+            if not (run.checkpoints / f"step_{state.step}.safetensors").exists():
+                write_checkpoints(run, state, config, tokenizer, [f"step_{state.step}", "last"])
+            save_export(run.export, state.model, tokenizer)
         tracker.log_summary(flat_hparams(config), {
             "hparams/final_val_loss": state.last_losses.get("val", math.nan),
             "hparams/best_val_loss": state.best_val_loss,
         })
+    except KeyboardInterrupt:
+        console.warn(f"interrupted again: quitting at once; resume from the last checkpoint "
+                     f"with python train.py --resume {run.root}")
+        return INTERRUPTED_EXIT_CODE
     finally:
         tracker.close()
-    save_export(run.export, state.model, tokenizer)
     sample = sample_text(state.model, tokenizer, cfg.sample_tokens, cfg.seed, device)
     report(run, state.last_losses, sample)
-    return exit_code
+    if stop.requested:
+        console.warn(f"stopped by {stop.name} at step {state.step}; resume with "
+                     f"python train.py --resume {run.root}")
+        return stop.exit_code
+    return 0
 
 
 def training_loop(
     state: TrainingState, splits: Splits, config: Config,
-    precision: tuple[torch.device, torch.dtype], tracker: Tracker, tokenizer: CharTokenizer,
-) -> int:
-    """Run optimizer steps until max_iters or Ctrl-C; return the exit code."""
+    precision: tuple[torch.device, torch.dtype], tracker: Tracker, run: RunPaths,
+    tokenizer: CharTokenizer, stop: GracefulStop,
+) -> str:
+    """Optimizer steps until max_iters, early stopping or a stop signal; returns why it ended."""
     cfg = config.train
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * config.model.block_size
     progress = tqdm(total=cfg.max_iters, initial=state.step, desc="train", unit="step",
@@ -226,17 +295,20 @@ def training_loop(
     window_start, window_steps = time.perf_counter(), 0
     try:
         while state.step < cfg.max_iters:
-            loss, grad_norm = train_step(state.step_model, state.optimizer, state.batches, cfg,
-                                         precision, state.scaler)
+            if stop.requested:
+                return f"stopped by {stop.name}"
+            result = train_step(state.step_model, state.optimizer, state.batches, cfg,
+                                precision, state.scaler)
             state.scheduler.step()
             state.step += 1
             window_steps += 1
             progress.update(1)
             step = state.step
+            count_nonfinite(state, result, cfg, tracker, run)
             if cfg.histogram_interval and step % cfg.histogram_interval == 0:
                 log_histograms(state.model, tracker, step)
             if step % cfg.log_interval == 0 or step == cfg.max_iters:
-                metrics = {"train/loss": loss.item(), "grad_norm": grad_norm.item(),
+                metrics = {"train/loss": result.loss.item(), "grad_norm": result.grad_norm.item(),
                            "lr": state.optimizer.param_groups[0]["lr"],
                            "tokens_per_sec": window_steps * tokens_per_step
                            / (time.perf_counter() - window_start)}
@@ -246,26 +318,64 @@ def training_loop(
                                      lr=f"{metrics['lr']:.2e}",
                                      tok_s=f"{metrics['tokens_per_sec']:,.0f}")
                 window_start, window_steps = time.perf_counter(), 0
+            names = []
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-                evaluate(state, splits, config, precision, tracker, tokenizer)
+                if evaluate(state, splits, config, precision, tracker, tokenizer):
+                    names.append("best")
                 window_start, window_steps = time.perf_counter(), 0
-    except KeyboardInterrupt:
+            if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
+                names = [f"step_{step}", "last", *names]
+            if names:
+                write_checkpoints(run, state, config, tokenizer, names)
+            if cfg.patience is not None and state.evals_without_improvement >= cfg.patience:
+                return (f"early stopping: val loss has not improved by {cfg.min_delta} for "
+                        f"{cfg.patience} evaluations (best {state.best_val_loss:.4f})")
+        return f"finished {cfg.max_iters} steps"
+    finally:
         progress.close()
-        console.warn(f"interrupted after {state.step} steps; exporting the weights trained so far")
-        return INTERRUPTED_EXIT_CODE
-    progress.close()
-    return 0
+
+
+def count_nonfinite(state: TrainingState, result: StepResult, cfg: TrainConfig,
+                    tracker: Tracker, run: RunPaths) -> None:
+    """Track skipped non-finite steps; too many in a row end training."""
+    if result.is_finite:
+        state.nonfinite_in_a_row = 0
+        return
+    state.nonfinite_in_a_row += 1
+    state.nonfinite_total += 1
+    tracker.log({"nonfinite_steps": state.nonfinite_total}, state.step)
+    console.warn(f"step {state.step}: non-finite loss or gradient, update skipped "
+                 f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_total} in all)")
+    if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+        raise TrainingFailure(
+            f"training stopped: {state.nonfinite_in_a_row} non-finite steps in a row at step "
+            f"{state.step}; the last good checkpoint is in {run.checkpoints}. Lower "
+            "--learning-rate or --grad-clip, or check the data"
+        )
+
+
+def write_checkpoints(run: RunPaths, state: TrainingState, config: Config,
+                      tokenizer: CharTokenizer, names: list[str]) -> None:
+    if config.train.keep_checkpoints == 0:
+        names = [n for n in names if not n.startswith("step_")] or ["last"]
+    save_checkpoint(run.checkpoints, names, state, config, tokenizer)
+    prune_step_checkpoints(run.checkpoints, config.train.keep_checkpoints)
 
 
 def evaluate(
     state: TrainingState, splits: Splits, config: Config,
     precision: tuple[torch.device, torch.dtype], tracker: Tracker, tokenizer: CharTokenizer,
-) -> None:
-    """Losses on both splits and a sample, logged at the current step."""
+) -> bool:
+    """Losses on both splits and a sample, logged at the current step; True if val improved."""
     losses = estimate_loss(state.step_model, splits, config.train, config.model.block_size,
                            precision)
-    state.last_losses = losses
+    improved = losses["val"] < state.best_val_loss
+    if losses["val"] < state.best_val_loss - config.train.min_delta:
+        state.evals_without_improvement = 0
+    else:
+        state.evals_without_improvement += 1
     state.best_val_loss = min(state.best_val_loss, losses["val"])
+    state.last_losses = losses
     tracker.log({"train/loss_eval": losses["train"], "val/loss": losses["val"],
                  "val/perplexity": math.exp(losses["val"])}, state.step)
     if config.train.sample_tokens:
@@ -274,6 +384,7 @@ def evaluate(
         tracker.log_text("samples", sample, state.step)
     console.info(f"step {state.step}: train loss {losses['train']:.4f}, "
                  f"val loss {losses['val']:.4f}")
+    return improved
 
 
 def log_histograms(model: torch.nn.Module, tracker: Tracker, step: int) -> None:

@@ -1,27 +1,41 @@
-"""Model state on disk: atomic writes, and the export a run leaves for inference.
+"""Model and training state on disk: atomic writes, checkpoints for resuming, and the export.
 
-artifacts/export/ holds model.safetensors (weights), config.json (ModelConfig) and
-tokenizer.json. Nothing is unpickled: tensors go through safetensors, the rest through JSON.
+A checkpoint is one safetensors file in artifacts/checkpoints/ (step_<N>, last, best): every
+tensor a resume needs (weights, optimizer moments, RNG and sampler states) plus the rest of the
+state as JSON in the file's metadata. artifacts/export/ holds model.safetensors, config.json and
+tokenizer.json for inference. Nothing is unpickled: tensors go through safetensors, the rest
+through JSON.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import random
+import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from data import BatchSampler
 from model import LanguageModel, ModelConfig
 from tokenizer import CharTokenizer
-from utils.errors import UserError
+from utils.config import Config
+from utils.errors import TrainingFailure, UserError
 
 WEIGHTS_FILE = "model.safetensors"
+CHECKPOINT_SUFFIX = ".safetensors"
+STATE_METADATA_KEY = "chargpt_training_state"
+STEP_CHECKPOINT = re.compile(r"step_(\d+)\.safetensors")
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -41,6 +55,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        # mkstemp makes the file private; give it the permissions any new file would get
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -114,6 +132,12 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"cannot read weights {path}: {error}; the file is corrupt or "
                               "truncated") from None
+    check_weights(model, saved, path)
+    model.load_state_dict(saved)
+
+
+def check_weights(model: torch.nn.Module, saved: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Raise a CheckpointError naming the first tensor that does not fit the model."""
     expected = model.state_dict()
     missing = sorted(expected.keys() - saved.keys())
     unexpected = sorted(saved.keys() - expected.keys())
@@ -128,4 +152,190 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
                 f"{path}: tensor {name} has shape {tuple(tensor.shape)} but the config gives "
                 f"{tuple(expected[name].shape)}"
             )
-    model.load_state_dict(saved)
+
+
+@dataclass
+class TrainingState:
+    """Everything that changes as training runs; a checkpoint holds all of it."""
+
+    model: LanguageModel  # the plain module: what is saved and exported
+    step_model: torch.nn.Module  # what runs the steps: the model itself or its compiled form
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    batches: BatchSampler
+    step: int = 0  # optimizer steps completed
+    best_val_loss: float = math.inf
+    last_losses: dict[str, float] = field(default_factory=dict)
+    evals_without_improvement: int = 0
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+
+
+def save_checkpoint(
+    checkpoint_dir: Path, names: Sequence[str], state: TrainingState, config: Config,
+    tokenizer: CharTokenizer,
+) -> None:
+    """Write the state as checkpoint_dir/<names[0]>.safetensors, then give it the other names.
+
+    Each name is replaced atomically (a hard link renamed into place), so every checkpoint on
+    disk is complete. A failed write says so and leaves the previous checkpoints intact.
+    """
+    tensors, meta = _state_to_tensors(state, config, tokenizer)
+    metadata = {STATE_METADATA_KEY: json.dumps(meta)}
+    first = checkpoint_dir / f"{names[0]}{CHECKPOINT_SUFFIX}"
+    try:
+        atomic_write(first, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        for name in names[1:]:
+            _link_atomically(first, checkpoint_dir / f"{name}{CHECKPOINT_SUFFIX}")
+    except OSError as error:
+        raise TrainingFailure(
+            f"cannot write checkpoint {first}: {error.strerror or error}; the previous "
+            "checkpoints are intact"
+        ) from None
+
+
+def _link_atomically(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    os.link(source, tmp)
+    os.replace(tmp, target)
+
+
+def prune_step_checkpoints(checkpoint_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` step_<N> checkpoints; last and best are hard links,
+    so they stay whole."""
+    steps = sorted(step_checkpoints(checkpoint_dir), key=lambda item: item[0])
+    for _, path in steps[:max(0, len(steps) - keep)]:
+        path.unlink(missing_ok=True)
+
+
+def remove_partial_writes(checkpoint_dir: Path) -> None:
+    """Delete temporary files left by a process killed while writing a checkpoint."""
+    for tmp in Path(checkpoint_dir).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def step_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    found = (STEP_CHECKPOINT.fullmatch(p.name) for p in Path(checkpoint_dir).glob("step_*"))
+    return [(int(m.group(1)), checkpoint_dir / m.group(0)) for m in found if m]
+
+
+def find_checkpoint(checkpoint_dir: Path, which: str = "last") -> Path:
+    """The path of checkpoint `which` (last, best or step_N), or a CheckpointError listing
+    the ones there are."""
+    path = Path(checkpoint_dir) / f"{which}{CHECKPOINT_SUFFIX}"
+    if path.is_file():
+        return path
+    available = sorted(p.name.removesuffix(CHECKPOINT_SUFFIX)
+                       for p in Path(checkpoint_dir).glob(f"*{CHECKPOINT_SUFFIX}"))
+    listed = ", ".join(available) if available else "none: no checkpoint was written yet"
+    raise CheckpointError(f"no checkpoint '{which}' in {checkpoint_dir} (available: {listed})")
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and JSON state of a checkpoint file, or a CheckpointError if unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        meta = json.loads(metadata[STATE_METADATA_KEY])
+    except (SafetensorError, OSError, KeyError, ValueError) as error:
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({error}); it is corrupt or truncated: resume from "
+            "another checkpoint or start a new run"
+        ) from None
+    return tensors, meta
+
+
+def restore_checkpoint(state: TrainingState, path: Path, config: Config) -> None:
+    """Load a checkpoint into a freshly built state, verifying it fits the config first."""
+    tensors, meta = read_checkpoint(path)
+    saved_model = meta["model_config"]
+    current_model = dataclasses.asdict(config.model)
+    differing = [k for k in current_model if saved_model.get(k) != current_model[k]]
+    if differing:
+        details = ", ".join(f"{k}: checkpoint {saved_model.get(k)}, config {current_model[k]}"
+                            for k in differing)
+        raise CheckpointError(f"checkpoint {path} was made with a different model ({details})")
+    weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    check_weights(state.model, weights, path)
+    state.model.load_state_dict(weights)
+    state.optimizer.load_state_dict(_optimizer_state(tensors, meta))
+    state.scheduler.load_state_dict(meta["scheduler"])
+    state.scaler.load_state_dict(meta["scaler"])
+    state.batches.load_state_dict({"generator": tensors["sampler.generator"]})
+    for name in ("step", "evals_without_improvement", "nonfinite_in_a_row", "nonfinite_total"):
+        setattr(state, name, meta[name])
+    state.best_val_loss = math.inf if meta["best_val_loss"] is None else meta["best_val_loss"]
+    state.last_losses = meta["last_losses"]
+    _restore_rng(tensors, meta)
+
+
+def checkpoint_meta(path: Path) -> dict[str, Any]:
+    return read_checkpoint(path)[1]
+
+
+def load_checkpoint_model(
+    path: Path, device: torch.device | str = "cpu"
+) -> tuple[LanguageModel, CharTokenizer]:
+    """The model (eval mode, on device) and tokenizer stored in a training checkpoint."""
+    tensors, meta = read_checkpoint(path)
+    model = LanguageModel(ModelConfig(**meta["model_config"]))
+    weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    check_weights(model, weights, path)
+    model.load_state_dict(weights)
+    return model.to(device).eval(), CharTokenizer(meta["tokenizer"])
+
+
+def _state_to_tensors(
+    state: TrainingState, config: Config, tokenizer: CharTokenizer
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {f"model.{k}": v for k, v in weights_of(state.model).items()}
+    optimizer = state.optimizer.state_dict()
+    for index, param_state in optimizer["state"].items():
+        for key, value in param_state.items():
+            tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+    tensors["sampler.generator"] = state.batches.state_dict()["generator"]
+    tensors["rng.torch"] = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    for index, cuda_state in enumerate(cuda_states):
+        tensors[f"rng.cuda.{index}"] = cuda_state
+    numpy_state = np.random.get_state()
+    meta = {
+        "step": state.step,
+        "best_val_loss": None if math.isinf(state.best_val_loss) else state.best_val_loss,
+        "last_losses": state.last_losses,
+        "evals_without_improvement": state.evals_without_improvement,
+        "nonfinite_in_a_row": state.nonfinite_in_a_row,
+        "nonfinite_total": state.nonfinite_total,
+        "model_config": dataclasses.asdict(config.model),
+        "train_config": dataclasses.asdict(config.train),
+        "tokenizer": tokenizer.chars,
+        "optimizer_param_groups": optimizer["param_groups"],
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "python_rng": random.getstate(),
+        "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+    }
+    return tensors, meta
+
+
+def _optimizer_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = tensor
+    return {"state": state, "param_groups": meta["optimizer_param_groups"]}
+
+
+def _restore_rng(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    version, internal, gauss = meta["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = meta["numpy_rng"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])

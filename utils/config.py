@@ -82,6 +82,22 @@ class TrainConfig:
     aim_repo: str | None = field(
         default=None, metadata=_help("folder holding the Aim repo (.aim); none = the project root")
     )
+    checkpoint_interval: int | None = field(
+        default=250, metadata=_help("steps between checkpoints; none = only the best and the end")
+    )
+    keep_checkpoints: int = field(
+        default=3, metadata=_help("step_<N> checkpoints kept besides last and best")
+    )
+    max_nonfinite_steps: int = field(
+        default=5, metadata=_help("non-finite losses or gradients in a row before training stops")
+    )
+    patience: int | None = field(
+        default=None, metadata=_help("evaluations without val-loss improvement before stopping "
+                                     "early; none = never")
+    )
+    min_delta: float = field(
+        default=0.0, metadata=_help("val-loss decrease that counts as improvement for patience")
+    )
     seed: int = field(default=1337, metadata=_help("seed for Python, numpy, torch and batches"))
     device: str = field(default="auto", metadata=_help("auto (cuda, then mps, then cpu), cpu, "
                                                        "cuda, cuda:N or mps"))
@@ -100,7 +116,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigFieldError(f"{name} must be at least 1", name)
-        for name in ("warmup_iters", "sample_tokens", "histogram_interval"):
+        for name in ("warmup_iters", "sample_tokens", "histogram_interval", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ConfigFieldError(f"{name} must be >= 0", name)
         if not 0.0 < self.train_split < 1.0:
@@ -118,6 +134,13 @@ class TrainConfig:
                 f"warmup_iters={self.warmup_iters}",
                 "lr_decay_iters", "warmup_iters",
             )
+        for name in ("checkpoint_interval", "patience"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigFieldError(f"{name} must be at least 1 (or none)", name)
+        if self.max_nonfinite_steps < 1:
+            raise ConfigFieldError("max_nonfinite_steps must be at least 1", "max_nonfinite_steps")
+        if self.min_delta < 0:
+            raise ConfigFieldError("min_delta must be >= 0", "min_delta")
         if self.weight_decay < 0:
             raise ConfigFieldError("weight_decay must be >= 0", "weight_decay")
         for name in ("beta1", "beta2"):
@@ -148,6 +171,14 @@ class Config:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
 
+
+# Settings a resumed run may change: they alter how it is watched and how long it runs, never
+# the model, the data or the optimisation so far.
+RESUMABLE_FIELDS = frozenset({
+    "max_iters", "eval_interval", "eval_iters", "log_interval", "sample_tokens",
+    "histogram_interval", "checkpoint_interval", "keep_checkpoints", "max_nonfinite_steps",
+    "patience", "min_delta", "aim_logging", "aim_repo", "device", "compile", "runs_dir",
+})
 
 # Keys a user may set. vocab_size is not among them: it always comes from the tokenizer.
 _SECTIONS: dict[str, type] = {
@@ -213,6 +244,28 @@ class ConfigLoader:
         flags = {k: v for k, v in vars(args).items() if k in _SECTIONS}
         layers.append(_Layer("command-line flags", flags, from_text=True))
         merged = self._merge(layers)
+        return Config(model=_build(ModelConfig, merged), train=_build(TrainConfig, merged))
+
+    def load_for_resume(self, saved: Mapping[str, Mapping[str, Any]],
+                        args: argparse.Namespace) -> Config:
+        """The saved config of a run, with env vars and flags applied where resuming allows."""
+        saved_values = {k: v for section in saved.values() for k, v in section.items()
+                        if k in _SECTIONS}
+        layers = [_Layer("the run's saved config", saved_values, from_text=False)]
+        if args.config is not None:
+            layers.append(self._file_layer(args.config, f"--config {args.config}"))
+        layers.append(self._env_layer())
+        flags = {k: v for k, v in vars(args).items() if k in _SECTIONS}
+        layers.append(_Layer("command-line flags", flags, from_text=True))
+        merged = self._merge(layers)
+        for key, (value, source) in merged.items():
+            if key not in RESUMABLE_FIELDS and value != saved_values.get(key, value):
+                raise ConfigError(
+                    f"cannot change {key} when resuming (saved {_format(saved_values[key])}, "
+                    f"{_format(value)} from {source}): resuming continues the same model, data "
+                    f"and optimizer; start a new run instead. Resumable settings: "
+                    f"{', '.join(sorted(RESUMABLE_FIELDS))}"
+                )
         return Config(model=_build(ModelConfig, merged), train=_build(TrainConfig, merged))
 
     def _base_layers(self) -> list[_Layer]:

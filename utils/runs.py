@@ -66,9 +66,12 @@ def create_run(runs_dir: Path, tag: str, now: datetime | None = None) -> RunPath
     raise RuntimeError(f"could not find a free run folder name for {stem} in {runs_dir}")
 
 
-def write_metadata(run: RunPaths, config: dict[str, Any], command: str) -> dict[str, str]:
+def write_metadata(
+    run: RunPaths, config: dict[str, Any], command: str, resumed_at_step: int | None = None
+) -> dict[str, str]:
     """meta/: git state and diff, environment, the merged config and the command line.
 
+    A resumed run writes them to meta/resumed_at_step_<N>/ instead, keeping the originals.
     Returns the texts by name, so trackers can keep a copy."""
     texts = {
         "git": git_state(PROJECT_ROOT),
@@ -76,9 +79,13 @@ def write_metadata(run: RunPaths, config: dict[str, Any], command: str) -> dict[
         "full_config": json.dumps(config, indent=2) + "\n",
         "command": command + "\n",
     }
+    folder = run.meta
+    if resumed_at_step is not None:
+        folder = run.meta / f"resumed_at_step_{resumed_at_step}"
+    folder.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
         suffix = ".json" if name == "full_config" else ".txt"
-        (run.meta / f"{name}{suffix}").write_text(text, encoding="utf-8")
+        (folder / f"{name}{suffix}").write_text(text, encoding="utf-8")
     return texts
 
 

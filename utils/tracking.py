@@ -41,11 +41,14 @@ class Tracker:
         self.backends = backends
 
     @classmethod
-    def open(cls, run: RunPaths, config: Config, metadata: Mapping[str, str]) -> Tracker:
-        """TensorBoard in the run folder, plus Aim if config.train.aim_logging."""
-        backends: list[Backend] = [TensorBoardBackend(run.tensorboard)]
+    def open(cls, run: RunPaths, config: Config, metadata: Mapping[str, str],
+             resume_step: int | None = None) -> Tracker:
+        """TensorBoard in the run folder, plus Aim if config.train.aim_logging.
+
+        With resume_step, both continue the run's existing logs from that step on."""
+        backends: list[Backend] = [TensorBoardBackend(run.tensorboard, resume_step)]
         if config.train.aim_logging:
-            backends.append(AimBackend(run, aim_repo_path(config)))
+            backends.append(AimBackend(run, aim_repo_path(config), resume_step is not None))
         tracker = cls(backends)
         for backend in backends:
             backend.start(config, metadata)
@@ -97,8 +100,11 @@ def check_aim_available() -> None:
 
 
 class TensorBoardBackend:
-    def __init__(self, log_dir: Path) -> None:
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+    def __init__(self, log_dir: Path, resume_step: int | None = None) -> None:
+        # purge_step hides what an interrupted process logged after its last checkpoint, so a
+        # resumed run's curves continue without a doubled stretch
+        purge_step = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def start(self, config: Config, metadata: Mapping[str, str]) -> None:
         self.log_text("config", json.dumps(config.to_dict(), indent=2), 0)
@@ -131,16 +137,23 @@ class TensorBoardBackend:
 
 
 class AimBackend:
-    def __init__(self, run: RunPaths, repo_path: Path) -> None:
+    def __init__(self, run: RunPaths, repo_path: Path, resuming: bool) -> None:
         import aim
 
         self.aim = aim
         repo_path.mkdir(parents=True, exist_ok=True)
         # the same as `aim init` on first use; later runs share the repo
         repo = aim.Repo.from_path(str(repo_path), init=not aim.Repo.exists(str(repo_path)))
-        self.run = aim.Run(repo=repo)
-        self.run.name = run.run_id
-        (run.meta / "aim_run.txt").write_text(f"{self.run.hash}\n{repo_path}\n")
+        record = run.meta / "aim_run.txt"
+        saved_hash, saved_repo = (record.read_text().split("\n")[:2] if record.exists()
+                                  else (None, None))
+        if resuming and saved_hash and Path(saved_repo) == repo_path:
+            # the process that held this run is gone (it was stopped or killed), so take it over
+            self.run = aim.Run(saved_hash, repo=repo, force_resume=True)
+        else:
+            self.run = aim.Run(repo=repo)
+            self.run.name = run.run_id
+            record.write_text(f"{self.run.hash}\n{repo_path}\n")
 
     def start(self, config: Config, metadata: Mapping[str, str]) -> None:
         self.run["hparams"] = flat_hparams(config)

@@ -1,0 +1,310 @@
+"""Reliability: checkpoints, bit-exact resume, kill -9, signals, non-finite steps, early stopping
+and the bad inputs around them."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+import utils.checkpoint
+from model import LanguageModel
+from tests.conftest import PROJECT_ROOT, run_script
+from utils.checkpoint import find_checkpoint, load_checkpoint_model, read_checkpoint
+
+# dropout on, so resuming must restore the RNG exactly to match
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+        "--batch-size", "8", "--dropout", "0.1", "--eval-iters", "2", "--sample-tokens", "0",
+        "--device", "cpu", "--log-interval", "50", "--eval-interval", "100",
+        "--checkpoint-interval", "40", "--max-iters", "300"]
+
+
+def start(runs: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(PROJECT_ROOT / "train.py"), *TINY,
+                             "--runs-dir", str(runs), *extra], cwd=PROJECT_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(pattern: str, root: Path, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not list(root.glob(pattern)):
+        assert time.monotonic() < deadline, f"nothing matched {pattern} in {timeout_s}s"
+        time.sleep(0.05)
+
+
+def wait_until_step(checkpoint: Path, step: int, timeout_s: float = 60) -> None:
+    """Wait until the checkpoint at this path is at least `step`; it is replaced atomically,
+    so every read sees a whole file."""
+    deadline = time.monotonic() + timeout_s
+    while read_checkpoint(checkpoint)[1]["step"] < step:
+        assert time.monotonic() < deadline, f"{checkpoint} did not reach step {step}"
+        time.sleep(0.05)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "artifacts" / "export" / "model.safetensors"))
+
+
+def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs"
+
+
+def resume(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_script("train.py", "--resume", str(run_dir), *extra)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """Final weights of an uninterrupted run with the TINY config."""
+    runs = tmp_path_factory.mktemp("reference")
+    result = run_script("train.py", *TINY, "--runs-dir", str(runs))
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = runs.iterdir()
+    return final_weights(run_dir)
+
+
+def test_sigterm_checkpoints_exits_143_and_resume_is_bit_exact(tmp_path, reference):
+    runs = tmp_path / "runs"
+    process = start(runs)
+    wait_for("*/artifacts/checkpoints/step_40.safetensors", runs)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    (run_dir,) = runs.iterdir()
+    assert f"resume with python train.py --resume {run_dir}" in err
+    stopped_at = read_checkpoint(find_checkpoint(run_dir / "artifacts" / "checkpoints"))[1]
+    assert 40 <= stopped_at["step"] < 300
+    result = resume(run_dir)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming {run_dir.name} at step {stopped_at['step']}" in result.stderr
+    assert_bit_identical(final_weights(run_dir), reference)
+
+
+def test_repeated_kill_9_then_resume_is_bit_exact(tmp_path, reference):
+    """Killed three times at different moments; every resume picks up the last checkpoint."""
+    runs = tmp_path / "runs"
+    process = start(runs)
+    wait_for("*/artifacts/checkpoints/step_40.safetensors", runs)
+    (run_dir,) = runs.iterdir()
+    steps_seen = []
+    for target, delay in ((40, 0.0), (120, 0.02), (200, 0.05)):
+        wait_for(f"artifacts/checkpoints/step_{target}.safetensors", run_dir)
+        time.sleep(delay)
+        process.kill()
+        process.wait(timeout=30)
+        steps_seen.append(read_checkpoint(run_dir / "artifacts/checkpoints/last.safetensors")
+                          [1]["step"])
+        process = subprocess.Popen(
+            [sys.executable, str(PROJECT_ROOT / "train.py"), "--resume", str(run_dir)],
+            cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert all(s % 40 == 0 and s < 300 for s in steps_seen), steps_seen
+    assert_bit_identical(final_weights(run_dir), reference)
+
+
+def test_kill_9_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path, reference):
+    """A checkpoint every step makes writing most of the run's time, so kills land mid-write."""
+    runs = tmp_path / "runs"
+    extra = ("--checkpoint-interval", "1", "--keep-checkpoints", "1")
+    process = start(runs, *extra)
+    wait_for("*/artifacts/checkpoints/last.safetensors", runs)
+    (run_dir,) = runs.iterdir()
+    checkpoints = run_dir / "artifacts" / "checkpoints"
+    for delay in (0.05, 0.21, 0.13, 0.34):
+        time.sleep(delay)
+        process.kill()
+        process.wait(timeout=30)
+        tensors, meta = read_checkpoint(checkpoints / "last.safetensors")  # never torn
+        assert meta["step"] >= 1 and "model.token_embedding.weight" in tensors
+        process = subprocess.Popen(
+            [sys.executable, str(PROJECT_ROOT / "train.py"), "--resume", str(run_dir)],
+            cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until_step(checkpoints / "last.safetensors", meta["step"] + 2)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert not list(checkpoints.glob(".*.tmp"))
+    assert_bit_identical(final_weights(run_dir), reference)
+
+
+def run_in_process(capsys, *argv: str) -> tuple[int, str, str]:
+    code = train.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def inject_nan_losses(monkeypatch, bad_calls: set[int] | None = None, after: int | None = None):
+    """Make the training loss non-finite on the given forward calls (counted from 1)."""
+    real_forward = LanguageModel.forward
+    calls = {"n": 0}
+
+    def forward(self, idx, targets=None, cache=None):
+        logits, loss = real_forward(self, idx, targets, cache)
+        if self.training and targets is not None:
+            calls["n"] += 1
+            if calls["n"] in (bad_calls or set()) or (after is not None and calls["n"] > after):
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(LanguageModel, "forward", forward)
+
+
+def test_non_finite_steps_are_skipped_counted_and_logged(tmp_path, capsys, monkeypatch):
+    inject_nan_losses(monkeypatch, bad_calls={5, 6})
+    code, _, err = run_in_process(capsys, *TINY, "--max-iters", "20", "--log-interval", "5",
+                                  "--runs-dir", str(tmp_path))
+    assert code == 0, err
+    assert "step 5: non-finite loss or gradient, update skipped (1 in a row, 1 in all)" in err
+    assert "step 6: non-finite loss or gradient, update skipped (2 in a row, 2 in all)" in err
+    (run_dir,) = tmp_path.iterdir()
+    events = EventAccumulator(str(run_dir / "logs" / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("nonfinite_steps")] == [(5, 1.0), (6, 2.0)]
+    weights = final_weights(run_dir)
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_a_non_finite_step_leaves_the_weights_untouched(tiny_config, monkeypatch):
+    inject_nan_losses(monkeypatch, after=0)
+    torch.manual_seed(0)
+    model = LanguageModel(tiny_config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = train.TrainConfig(batch_size=2)
+    optimizer = train.build_optimizer(model, cfg, torch.device("cpu"))
+    x = torch.randint(tiny_config.vocab_size, (2, 8))
+
+    class Batches:
+        def next_batch(self):
+            return x, x
+
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    result = train.train_step(model, optimizer, Batches(), cfg,
+                              (torch.device("cpu"), torch.float32), scaler)
+    assert not result.is_finite
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint(tmp_path, capsys,
+                                                                     monkeypatch):
+    inject_nan_losses(monkeypatch, after=45)
+    code, _, err = run_in_process(capsys, *TINY, "--max-nonfinite-steps", "3",
+                                  "--runs-dir", str(tmp_path))
+    assert code == 1
+    assert ("error: training stopped: 3 non-finite steps in a row at step 48; the last good "
+            "checkpoint is in") in err
+    (run_dir,) = tmp_path.iterdir()
+    meta = read_checkpoint(run_dir / "artifacts/checkpoints/last.safetensors")[1]
+    assert meta["step"] == 40
+
+
+def test_early_stopping_ends_the_run_and_says_why(tmp_path, capsys):
+    code, _, err = run_in_process(capsys, *TINY, "--eval-interval", "10", "--patience", "2",
+                                  "--min-delta", "100", "--runs-dir", str(tmp_path))
+    assert code == 0, err
+    # the first evaluation (step 10) sets the best; steps 20 and 30 fail to beat it by 100
+    assert ("training ended at step 30: early stopping: val loss has not improved by 100.0 for "
+            "2 evaluations") in err
+    (run_dir,) = tmp_path.iterdir()
+    assert read_checkpoint(run_dir / "artifacts/checkpoints/last.safetensors")[1]["step"] == 30
+
+
+def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    real_save = utils.checkpoint.save_file
+
+    def failing_save(tensors, path, metadata=None):
+        if '"step": 80' in metadata["chargpt_training_state"]:
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(utils.checkpoint, "save_file", failing_save)
+    code, _, err = run_in_process(capsys, *TINY, "--runs-dir", str(tmp_path))
+    assert code == 1
+    assert "No space left on device; the previous checkpoints are intact" in err
+    (run_dir,) = tmp_path.iterdir()
+    checkpoints = run_dir / "artifacts" / "checkpoints"
+    assert read_checkpoint(checkpoints / "last.safetensors")[1]["step"] == 40
+    assert not list(checkpoints.glob(".*.tmp"))
+
+
+def test_checkpoint_reload_gives_identical_logits(tmp_path, capsys):
+    code, _, err = run_in_process(capsys, *TINY, "--max-iters", "40", "--runs-dir",
+                                  str(tmp_path))
+    assert code == 0, err
+    (run_dir,) = tmp_path.iterdir()
+    from_checkpoint, tokenizer = load_checkpoint_model(
+        run_dir / "artifacts/checkpoints/last.safetensors")
+    from_export, _ = utils.checkpoint.load_export(run_dir / "artifacts" / "export")
+    idx = torch.tensor([tokenizer.encode("To be, or not")])
+    assert torch.equal(from_checkpoint(idx)[0], from_export(idx)[0])
+
+
+@pytest.fixture
+def finished_run(tmp_path, capsys) -> Path:
+    code, _, err = run_in_process(capsys, *TINY, "--max-iters", "40", "--runs-dir",
+                                  str(tmp_path / "runs"))
+    assert code == 0, err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", r"cannot resume .*nope: no such run folder"),
+        ("no_checkpoint", r"no checkpoint 'last' in .* \(available: none: no checkpoint was "
+                          r"written yet\)"),
+        ("truncated", r"cannot read checkpoint .*last.safetensors .*it is corrupt or truncated"),
+        ("finished", r"is finished \(40 of 40 steps\); pass --max-iters N with N > 40"),
+        ("shape_change", r"cannot change n_embd when resuming \(saved 32, 64 from --n-embd\)"),
+        ("batch_change", r"cannot change batch_size when resuming \(saved 8, 16 from "
+                         r"--batch-size\)"),
+    ],
+)
+def test_bad_resume_gets_one_line_and_exit_2(finished_run, tmp_path, capsys, case, message):
+    checkpoints = finished_run / "artifacts" / "checkpoints"
+    argv = ["--resume", str(finished_run), "--max-iters", "80"]
+    if case == "missing":
+        argv[1] = str(tmp_path / "nope")
+    elif case == "no_checkpoint":
+        for path in checkpoints.iterdir():
+            path.unlink()
+    elif case == "truncated":
+        data = (checkpoints / "last.safetensors").read_bytes()
+        (checkpoints / "last.safetensors").unlink()
+        (checkpoints / "last.safetensors").write_bytes(data[:len(data) // 2])
+    elif case == "finished":
+        argv = argv[:2]
+    elif case == "shape_change":
+        argv += ["--n-embd", "64"]
+    elif case == "batch_change":
+        argv += ["--batch-size", "16"]
+    before = sorted(p.name for p in finished_run.rglob("*"))
+    code, _, err = run_in_process(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), lines
+    if case != "missing":
+        assert sorted(p.name for p in finished_run.rglob("*")) == before  # nothing written
+
+
+def test_resume_may_extend_a_finished_run(finished_run, capsys):
+    code, _, err = run_in_process(capsys, "--resume", str(finished_run), "--max-iters", "60")
+    assert code == 0, err
+    meta = read_checkpoint(finished_run / "artifacts/checkpoints/last.safetensors")[1]
+    assert meta["step"] == 60
+    assert (finished_run / "meta" / "resumed_at_step_40" / "command.txt").is_file()
