@@ -17,7 +17,7 @@ import torch
 from model import LanguageModel, SamplingConfig
 from tokenizer import CharTokenizer, UnknownCharactersError
 from utils import console
-from utils.checkpoint import WEIGHTS_FILE, load_export
+from utils.checkpoint import WEIGHTS_FILE, find_checkpoint, load_checkpoint_model, load_export
 from utils.config import ArgumentParser
 from utils.device import autocast, resolve_device, resolve_dtype
 from utils.errors import ConfigFieldError, UserError, run_main
@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run folder to load, or 'latest' for the newest run with an export (default: latest)")
     add("--runs-dir", type=Path, default=Path("runs"),
         help="where 'latest' looks for runs (default: runs)")
+    add("--checkpoint", metavar="NAME",
+        help="load a training checkpoint (last, best or step_N) instead of the final export")
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     prompt.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
@@ -133,12 +135,14 @@ def stream_samples(
         yield row, stop_filter.flush()
 
 
-def resolve_run(run: str, runs_dir: Path) -> RunPaths:
+def resolve_run(run: str, runs_dir: Path, checkpoint: str | None) -> RunPaths:
     if run == "latest":
-        found = latest_run(runs_dir, f"artifacts/export/{WEIGHTS_FILE}")
+        needed = ("artifacts/checkpoints" if checkpoint else f"artifacts/export/{WEIGHTS_FILE}")
+        found = latest_run(runs_dir, needed)
         if found is None:
-            raise UserError(f"no run with an export in {runs_dir}/; train one with "
-                            "python train.py, or pass --run runs/<id>")
+            raise UserError(f"no run with {'checkpoints' if checkpoint else 'an export'} in "
+                            f"{runs_dir}/; train one with python train.py, or pass --run "
+                            "runs/<id>")
         return RunPaths(found)
     root = Path(run)
     if not root.is_dir():
@@ -175,10 +179,14 @@ def generate(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     sampling = check_args(args)
     prompt = read_prompt(args)
-    run = resolve_run(args.run, args.runs_dir)
+    run = resolve_run(args.run, args.runs_dir, args.checkpoint)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    model, tokenizer = load_export(run.export, device)
+    if args.checkpoint:
+        path = find_checkpoint(run.checkpoints, args.checkpoint)
+        model, tokenizer = load_checkpoint_model(path, device)
+    else:
+        model, tokenizer = load_export(run.export, device)
     try:
         prompt_ids = torch.tensor([tokenizer.encode(prompt)] * args.num_samples, device=device)
     except UnknownCharactersError as error:

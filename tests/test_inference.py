@@ -137,3 +137,36 @@ def test_config_that_does_not_match_the_weights_names_the_tensor(exported_run, c
     code, _, err = run_inference(capsys, "--run", str(exported_run))
     assert code == 2
     assert "tensor blocks.0.mlp.fc.weight has shape (3, 3) but the config gives (64, 16)" in err
+
+
+@pytest.fixture
+def trained_run(tmp_path: Path) -> Path:
+    import train
+
+    code = train.main(["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+                       "--batch-size", "4", "--max-iters", "30", "--eval-interval", "10",
+                       "--eval-iters", "2", "--checkpoint-interval", "10", "--sample-tokens",
+                       "0", "--device", "cpu", "--runs-dir", str(tmp_path / "runs")])
+    assert code == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    return run_dir
+
+
+@pytest.mark.parametrize("name", ["last", "best", "step_20"])
+def test_generates_from_a_named_checkpoint(trained_run, capsys, name):
+    code, out, err = run_inference(capsys, "--run", str(trained_run), "--checkpoint", name,
+                                   "--max-new-tokens", "10", "--seed", "0")
+    assert code == 0, err
+    assert len(out) == 1 + 10 + 1
+
+
+def test_last_checkpoint_generates_what_the_export_does(trained_run, capsys):
+    args = ["--run", str(trained_run), "--max-new-tokens", "30", "--seed", "5"]
+    assert run_inference(capsys, *args)[1] == run_inference(capsys, *args, "--checkpoint",
+                                                            "last")[1]
+
+
+def test_unknown_checkpoint_lists_the_available_ones(trained_run, capsys):
+    code, _, err = run_inference(capsys, "--run", str(trained_run), "--checkpoint", "step_7")
+    assert code == 2
+    assert "no checkpoint 'step_7'" in err and "best, last, step_10, step_20, step_30" in err
