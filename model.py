@@ -72,7 +72,8 @@ class KVCache:
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's (B, n_head, T, head_dim) keys and values; return all so far."""
+        """Store this step's (B, n_head, T, head_dim) keys and values at positions
+        length..length+T-1; return the layer's whole (B, n_head, block_size, head_dim) buffers."""
         if not self.keys:
             # allocated on first use so the buffers take the dtype autocast gives k and v
             shape = (self.batch_size, self.config.n_head, self.config.block_size,
@@ -83,22 +84,22 @@ class KVCache:
         end = self.length + k.size(2)
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        return self.keys[layer], self.values[layer]
 
     def reset(self) -> None:
         self.length = 0
 
 
-def attention_mask(query_len: int, key_len: int, device: torch.device) -> torch.Tensor | None:
-    """Boolean mask letting query i (the last `query_len` of `key_len` positions) see keys <= i.
+def attention_mask(past: int, query_len: int, key_len: int, device: torch.device) -> torch.Tensor:
+    """(query_len, key_len) boolean mask for queries at positions past..past+query_len-1 over a
+    buffer of key_len key slots: each query sees the keys at or before its own position, never
+    a later or unfilled slot.
 
-    SDPA's is_causal aligns its mask top-left, which is only right when queries and keys have the
-    same length; a decode step (one query) sees every key and needs no mask at all.
+    SDPA's is_causal aligns its mask top-left, which is only right when queries and keys have
+    the same length, as in training and the first prefill; decode steps need this one.
     """
-    if query_len == 1:
-        return None
-    past = key_len - query_len
-    return torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(diagonal=past)
+    query_positions = torch.arange(past, past + query_len, device=device)[:, None]
+    return torch.arange(key_len, device=device)[None, :] <= query_positions
 
 
 class CausalSelfAttention(nn.Module):
@@ -111,20 +112,26 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Causal self-attention; with a cache that already holds keys, `mask` says which of
+        its slots each query sees."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is None or cache.length == 0:
-            mask, is_causal = None, True
-        else:
-            mask, is_causal = attention_mask(T, cache.length + T, x.device), False
         if cache is not None:
-            k, v = cache.update(self.layer_index, k, v)
+            keys, values = cache.update(self.layer_index, k, v)  # (B, n_head, block_size, hd)
+            if mask is None:  # first prefill: queries and keys line up from position 0
+                k, v = keys[:, :, :T], values[:, :, :T]
+            else:
+                # decode attends over the whole buffer, so every step has the same shapes and
+                # kernels reuse their plans (a growing key length made bf16 decode ~25x slower)
+                k, v = keys, values
         dropout_p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.proj(y))
@@ -151,8 +158,10 @@ class Block(nn.Module):
         self.ln_mlp = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_attn(x), cache)
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_attn(x), cache, mask)
         return x + self.mlp(self.ln_mlp(x))
 
 
@@ -206,8 +215,11 @@ class LanguageModel(nn.Module):
             )
         positions = torch.arange(start, start + T, device=idx.device)
         x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
+        mask = None
+        if cache is not None and cache.length > 0:
+            mask = attention_mask(start, T, self.config.block_size, idx.device)
         for block in self.blocks:
-            x = block(x, cache)
+            x = block(x, cache, mask)
         if cache is not None:
             cache.length += T
         # input and output embeddings are tied: one matrix, used both ways

@@ -63,10 +63,10 @@ def test_model_config_rejects_heads_that_do_not_divide_width():
         ModelConfig(vocab_size=5, n_embd=30, n_head=4)
 
 
-def test_attention_mask_aligns_queries_to_the_end_of_the_keys():
-    mask = attention_mask(query_len=2, key_len=5, device=torch.device("cpu"))
-    assert mask.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
-    assert attention_mask(1, 5, torch.device("cpu")) is None
+def test_attention_mask_lets_each_query_see_only_filled_earlier_slots():
+    mask = attention_mask(past=3, query_len=2, key_len=6, device=torch.device("cpu"))
+    assert mask.tolist() == [[True, True, True, True, False, False],
+                             [True, True, True, True, True, False]]
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

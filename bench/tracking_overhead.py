@@ -1,0 +1,80 @@
+"""Training tokens/s with no tracker, TensorBoard, and TensorBoard + Aim, side by side.
+
+Runs train.py's own loop on the default config, with histograms every 50 steps (5x the
+default rate, so the cost is an upper bound). Prints one table; BENCHMARKS.md keeps it.
+Usage: python bench/tracking_overhead.py [--steps 100] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import train  # noqa: E402
+from utils.config import ConfigLoader  # noqa: E402
+from utils.device import resolve_device, resolve_dtype  # noqa: E402
+from utils.interrupts import GracefulStop  # noqa: E402
+from utils.runs import create_run  # noqa: E402
+from utils.tracking import AimBackend, TensorBoardBackend, Tracker  # noqa: E402
+
+MODES = ("none", "tensorboard", "tensorboard+aim")
+
+
+def tokens_per_second(mode: str, steps: int, workdir: Path) -> float:
+    loader = ConfigLoader()
+    config = loader.load(loader.build_parser().parse_args([]))
+    config = dataclasses.replace(config, train=dataclasses.replace(
+        config.train, max_iters=steps, eval_interval=steps, eval_iters=10, sample_tokens=100,
+        histogram_interval=50, checkpoint_interval=None, keep_checkpoints=0))
+    device = resolve_device(config.train.device)
+    precision = (device, resolve_dtype(config.train.dtype, device))
+    config, tokenizer, splits = train.prepare(config)
+    state = train.init_state(config, splits, *precision)
+    run = create_run(workdir / "runs", mode.replace("+", "_"))
+    backends = []
+    if mode != "none":
+        backends.append(TensorBoardBackend(run.tensorboard))
+    if mode == "tensorboard+aim":
+        backends.append(AimBackend(run, workdir, resuming=False))
+    tracker = Tracker(backends)
+    for backend in backends:
+        backend.start(config, {"command": "bench"})
+    start = time.perf_counter()
+    train.training_loop(state, splits, config, precision, tracker, run, tokenizer, GracefulStop())
+    tracker.close()
+    elapsed = time.perf_counter() - start
+    tokens = steps * config.train.batch_size * config.model.block_size
+    return tokens / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    rates: dict[str, list[float]] = {mode: [] for mode in MODES}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            for mode in MODES:  # interleaved, so drifting machine speed hits every mode alike
+                rates[mode].append(tokens_per_second(mode, args.steps, Path(tmp)))
+    baseline = statistics.median(rates["none"])
+    print(f"# {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads, default config, {args.steps} steps x {args.repeats} (median)")
+    print("| tracking | tokens/s | vs none |")
+    print("|---|---|---|")
+    for mode in MODES:
+        rate = statistics.median(rates[mode])
+        print(f"| {mode} | {rate:,.0f} | {rate / baseline - 1:+.1%} |")
+
+
+if __name__ == "__main__":
+    main()
