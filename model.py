@@ -197,6 +197,12 @@ class LanguageModel(nn.Module):
             total -= self.position_embedding.weight.numel()
         return total
 
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward and backward): 6 per weight, plus attention's
+        12 * n_layer * n_embd * block_size for the scores and the weighted sum (PaLM, app. B)."""
+        c = self.config
+        return 6 * self.num_parameters() + 12 * c.n_layer * c.n_embd * c.block_size
+
     def forward(
         self,
         idx: torch.Tensor,

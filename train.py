@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.autograd.profiler import record_function
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
@@ -36,7 +37,7 @@ from utils.checkpoint import (
     save_export,
 )
 from utils.config import Config, ConfigLoader, TrainConfig
-from utils.device import autocast, resolve_device, resolve_dtype
+from utils.device import autocast, measure_matmul_flops, resolve_device, resolve_dtype
 from utils.errors import TrainingFailure, UserError, run_main
 from utils.interrupts import GracefulStop
 from utils.runs import RunPaths, command_line, create_run, latest_run, write_metadata
@@ -94,30 +95,34 @@ def train_step(
     """One optimizer step over grad_accum_steps micro-batches, skipped if anything is non-finite.
 
     The finite check is the step's one host-device sync; loss and grad norm stay on the device
-    until the caller logs them.
+    until the caller logs them. The named ranges are the phases profile_model.py reports.
     """
-    # zeroed here rather than after the update, so the step's gradients can still be inspected
-    optimizer.zero_grad(set_to_none=True)
+    with record_function("optimizer"):
+        # zeroed here rather than after the update, so the step's gradients can be inspected
+        optimizer.zero_grad(set_to_none=True)
     total_loss = torch.zeros((), device=precision[0])
     for _ in range(cfg.grad_accum_steps):
-        x, y = batches.next_batch()
-        with autocast(*precision):
+        with record_function("data"):
+            x, y = batches.next_batch()
+        with record_function("forward"), autocast(*precision):
             _, loss = model(x, y)
-        # grads are summed over micro-steps, so scale each loss to keep the mean
-        loss = loss / cfg.grad_accum_steps
-        scaler.scale(loss).backward()
+            # grads are summed over micro-steps, so scale each loss to keep the mean
+            loss = loss / cfg.grad_accum_steps
+        with record_function("backward"):
+            scaler.scale(loss).backward()
         total_loss += loss.detach()
-    scaler.unscale_(optimizer)
-    max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    # with float16 the GradScaler itself skips overflowing steps and lowers its scale
-    finite = torch.isfinite(total_loss)
-    if not scaler.is_enabled():
-        finite = finite & torch.isfinite(grad_norm)
-    is_finite = bool(finite)
-    if is_finite:
-        scaler.step(optimizer)
-    scaler.update()
+    with record_function("optimizer"):
+        scaler.unscale_(optimizer)
+        max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        # with float16 the GradScaler itself skips overflowing steps and lowers its scale
+        finite = torch.isfinite(total_loss)
+        if not scaler.is_enabled():
+            finite = finite & torch.isfinite(grad_norm)
+        is_finite = bool(finite)
+        if is_finite:
+            scaler.step(optimizer)
+        scaler.update()
     return StepResult(total_loss, grad_norm, is_finite)
 
 
@@ -230,6 +235,8 @@ def train(argv: Sequence[str]) -> int:
     else:
         run, checkpoint, config = None, None, loader.load(args)
     cfg = config.train
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     precision = (device, resolve_dtype(cfg.dtype, device))
     config, tokenizer, splits = prepare(config)
@@ -290,6 +297,8 @@ def training_loop(
     """Optimizer steps until max_iters, early stopping or a stop signal; returns why it ended."""
     cfg = config.train
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * config.model.block_size
+    peak_flops = cfg.peak_flops or measure_matmul_flops(*precision)
+    flops_per_token = state.model.flops_per_token()
     progress = tqdm(total=cfg.max_iters, initial=state.step, desc="train", unit="step",
                     dynamic_ncols=True, mininterval=0.5)
     window_start, window_steps = time.perf_counter(), 0
@@ -312,11 +321,13 @@ def training_loop(
                            "lr": state.optimizer.param_groups[0]["lr"],
                            "tokens_per_sec": window_steps * tokens_per_step
                            / (time.perf_counter() - window_start)}
+                metrics["mfu"] = flops_per_token * metrics["tokens_per_sec"] / peak_flops
                 tracker.log(metrics, step)
                 val = f"{state.last_losses['val']:.4f}" if state.last_losses else "-"
                 progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", val=val,
                                      lr=f"{metrics['lr']:.2e}",
-                                     tok_s=f"{metrics['tokens_per_sec']:,.0f}")
+                                     tok_s=f"{metrics['tokens_per_sec']:,.0f}",
+                                     mfu=f"{metrics['mfu']:.0%}")
                 window_start, window_steps = time.perf_counter(), 0
             names = []
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:

@@ -60,7 +60,7 @@ def test_tensorboard_holds_scalars_histograms_text_and_hparams(tracked_run):
                               size_guidance={"tensors": 0, "histograms": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
-    for tag in ("train/loss", "grad_norm", "lr", "tokens_per_sec"):
+    for tag in ("train/loss", "grad_norm", "lr", "tokens_per_sec", "mfu"):
         assert [e.step for e in events.Scalars(tag)] == [10, 20, 30, 40], tag
     for tag in ("val/loss", "train/loss_eval", "val/perplexity"):
         assert [e.step for e in events.Scalars(tag)] == [20, 40], tag

@@ -98,6 +98,13 @@ class TrainConfig:
     min_delta: float = field(
         default=0.0, metadata=_help("val-loss decrease that counts as improvement for patience")
     )
+    peak_flops: float | None = field(
+        default=None, metadata=_help("the device's peak FLOP/s for MFU; none = measure a "
+                                     "matmul in the training dtype at startup")
+    )
+    num_threads: int | None = field(
+        default=None, metadata=_help("CPU threads for torch; none = torch's default (all cores)")
+    )
     seed: int = field(default=1337, metadata=_help("seed for Python, numpy, torch and batches"))
     device: str = field(default="auto", metadata=_help("auto (cuda, then mps, then cpu), cpu, "
                                                        "cuda, cuda:N or mps"))
@@ -137,6 +144,10 @@ class TrainConfig:
         for name in ("checkpoint_interval", "patience"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigFieldError(f"{name} must be at least 1 (or none)", name)
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise ConfigFieldError("peak_flops must be > 0 (or none to measure)", "peak_flops")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigFieldError("num_threads must be at least 1 (or none)", "num_threads")
         if self.max_nonfinite_steps < 1:
             raise ConfigFieldError("max_nonfinite_steps must be at least 1", "max_nonfinite_steps")
         if self.min_delta < 0:
@@ -178,6 +189,7 @@ RESUMABLE_FIELDS = frozenset({
     "max_iters", "eval_interval", "eval_iters", "log_interval", "sample_tokens",
     "histogram_interval", "checkpoint_interval", "keep_checkpoints", "max_nonfinite_steps",
     "patience", "min_delta", "aim_logging", "aim_repo", "device", "compile", "runs_dir",
+    "peak_flops", "num_threads",
 })
 
 # Keys a user may set. vocab_size is not among them: it always comes from the tokenizer.
@@ -246,9 +258,10 @@ class ConfigLoader:
         merged = self._merge(layers)
         return Config(model=_build(ModelConfig, merged), train=_build(TrainConfig, merged))
 
-    def load_for_resume(self, saved: Mapping[str, Mapping[str, Any]],
-                        args: argparse.Namespace) -> Config:
-        """The saved config of a run, with env vars and flags applied where resuming allows."""
+    def load_for_resume(self, saved: Mapping[str, Mapping[str, Any]], args: argparse.Namespace,
+                        only_resumable_changes: bool = True) -> Config:
+        """The saved config of a run, with --config, env vars and flags applied over it; when
+        resuming training only RESUMABLE_FIELDS may change."""
         saved_values = {k: v for section in saved.values() for k, v in section.items()
                         if k in _SECTIONS}
         layers = [_Layer("the run's saved config", saved_values, from_text=False)]
@@ -259,7 +272,8 @@ class ConfigLoader:
         layers.append(_Layer("command-line flags", flags, from_text=True))
         merged = self._merge(layers)
         for key, (value, source) in merged.items():
-            if key not in RESUMABLE_FIELDS and value != saved_values.get(key, value):
+            changed = value != saved_values.get(key, value)
+            if only_resumable_changes and changed and key not in RESUMABLE_FIELDS:
                 raise ConfigError(
                     f"cannot change {key} when resuming (saved {_format(saved_values[key])}, "
                     f"{_format(value)} from {source}): resuming continues the same model, data "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 
@@ -38,6 +39,32 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if dtype == torch.float16 and device.type == "cpu":
         raise UserError("dtype=float16 is not supported on CPU; use bfloat16 or float32")
     return dtype
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024,
+                         repeats: int = 10) -> float:
+    """FLOP/s of a square matmul in `dtype` on `device`: the ceiling MFU is measured against
+    when no peak_flops is configured."""
+    # a private generator: drawing from the global one would shift training's random stream
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    for _ in range(2):  # warm-up: kernel selection, caches, clocks
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued work on the device, so wall-clock timings are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

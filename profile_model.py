@@ -1,0 +1,152 @@
+"""Show where training time goes: profile N steps of train.py's own training step.
+
+Prints the share of each phase (data, forward, backward, optimizer, other), the top operators by
+self time, peak memory, FLOPs and MFU, and writes trace.json (open it in https://ui.perfetto.dev
+or chrome://tracing) with the tables into runs/<id>/profile/.
+
+Usage: python profile_model.py --steps 10 [any train.py config flag] [--run runs/<id>] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import train
+from utils import console
+from utils.checkpoint import CheckpointError
+from utils.config import ConfigLoader
+from utils.device import measure_matmul_flops, resolve_device, resolve_dtype, synchronize
+from utils.errors import UserError, run_main
+from utils.runs import command_line, create_run, write_metadata
+
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+def build_parser(loader: ConfigLoader) -> argparse.ArgumentParser:
+    parser = loader.build_parser(__doc__)
+    parser.add_argument("--steps", type=int, default=10, help="steps to profile (default: 10)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="steps run first and not profiled (default: 3)")
+    parser.add_argument("--run", type=Path, help="profile the saved config of this run folder")
+    parser.add_argument("--out", type=Path, help="folder for trace.json and the tables "
+                                                  "(default: <run>/profile)")
+    return parser
+
+
+def load_config(loader: ConfigLoader, args: argparse.Namespace):
+    if args.run is None:
+        return loader.load(args)
+    saved = args.run / "meta" / "full_config.json"
+    if not saved.is_file():
+        raise UserError(f"{args.run} has no meta/full_config.json; pass a run folder made by "
+                        "train.py")
+    try:
+        values = json.loads(saved.read_text())
+    except ValueError as error:
+        raise CheckpointError(f"cannot read {saved}: {error}") from None
+    # the run's config is the base; flags given here still apply on top of it
+    return loader.load_for_resume(values, args, only_resumable_changes=False)
+
+
+def profile_steps(args: argparse.Namespace, config, state, precision):
+    """Warm up, then profile args.steps steps; returns (profiler, wall seconds per step)."""
+    cfg = config.train
+    for _ in range(args.warmup):
+        train.train_step(state.step_model, state.optimizer, state.batches, cfg, precision,
+                         state.scaler)
+    activities = [ProfilerActivity.CPU]
+    if precision[0].type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+        torch.cuda.reset_peak_memory_stats(precision[0])
+    synchronize(precision[0])
+    with profile(activities=activities, profile_memory=True, record_shapes=False) as profiler:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            train.train_step(state.step_model, state.optimizer, state.batches, cfg, precision,
+                             state.scaler)
+        synchronize(precision[0])
+        step_s = (time.perf_counter() - start) / args.steps
+    return profiler, step_s
+
+
+def phase_table(profiler, steps: int, step_s: float) -> tuple[str, dict[str, float]]:
+    """Milliseconds per step and share of the step for each phase; 'other' is the rest."""
+    totals = {e.key: e.cpu_time_total for e in profiler.key_averages() if e.key in PHASES}
+    phase_ms = {name: totals.get(name, 0.0) / 1e3 / steps for name in PHASES}
+    step_ms = step_s * 1e3
+    phase_ms["other"] = max(0.0, step_ms - sum(phase_ms.values()))
+    lines = ["| phase | ms/step | share |", "|---|---|---|"]
+    lines += [f"| {name} | {ms:.2f} | {100 * ms / step_ms:.1f}% |" for name, ms in phase_ms.items()]
+    lines.append(f"| step | {step_ms:.2f} | 100.0% |")
+    return "\n".join(lines), phase_ms
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is in kilobytes on Linux: the process's peak resident memory
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def profile_model(argv: Sequence[str]) -> int:
+    loader = ConfigLoader()
+    args = build_parser(loader).parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        raise UserError("--steps must be at least 1 and --warmup at least 0")
+    config = load_config(loader, args)
+    cfg = config.train
+    device = resolve_device(cfg.device)
+    precision = (device, resolve_dtype(cfg.dtype, device))
+    config, _, splits = train.prepare(config)
+    if args.out is not None:
+        out = args.out
+    elif args.run is not None:
+        out = args.run / "profile"
+    else:
+        run = create_run(Path(cfg.runs_dir), f"{cfg.run_tag}-profile")
+        write_metadata(run, config.to_dict(), command_line("profile_model.py", argv))
+        out = run.root / "profile"
+    out.mkdir(parents=True, exist_ok=True)
+
+    state = train.init_state(config, splits, *precision)
+    profiler, step_s = profile_steps(args, config, state, precision)
+    phases, _ = phase_table(profiler, args.steps, step_s)
+    sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    operators = profiler.key_averages().table(sort_by=sort_key, row_limit=15)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * config.model.block_size
+    flops_per_step = state.model.flops_per_token() * tokens_per_step
+    achieved = flops_per_step / step_s
+    peak = measure_matmul_flops(device, precision[1])
+    summary = "\n".join([
+        f"parameters: {state.model.num_parameters():,} (without position embeddings)",
+        f"tokens per step: {tokens_per_step:,}; {tokens_per_step / step_s:,.0f} tokens/s",
+        f"FLOPs per step: {flops_per_step / 1e9:.2f} GFLOP; achieved {achieved / 1e9:.1f} GFLOP/s",
+        f"MFU: {100 * achieved / peak:.1f}% of a measured {str(precision[1])[6:]} matmul "
+        f"ceiling of {peak / 1e9:.1f} GFLOP/s",
+        f"peak memory: {peak_memory_mb(device):,.0f} MiB "
+        f"({'CUDA allocated' if device.type == 'cuda' else 'process resident'})",
+    ])
+    profiler.export_chrome_trace(str(out / "trace.json"))
+    report = f"## Phases\n{phases}\n\n## Top operators\n{operators}\n\n## Summary\n{summary}\n"
+    (out / "profile.md").write_text(report)
+    print(report)
+    print(f"trace and tables written to {out}")
+    console.info(f"profiled {args.steps} steps after {args.warmup} warm-up steps on {device}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(profile_model, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
