@@ -37,7 +37,13 @@ from utils.checkpoint import (
     save_export,
 )
 from utils.config import Config, ConfigLoader, TrainConfig
-from utils.device import autocast, measure_matmul_flops, resolve_device, resolve_dtype
+from utils.device import (
+    autocast,
+    configure_backends,
+    measure_matmul_flops,
+    resolve_device,
+    resolve_dtype,
+)
 from utils.errors import TrainingFailure, UserError, run_main
 from utils.interrupts import GracefulStop
 from utils.runs import RunPaths, command_line, create_run, latest_run, write_metadata
@@ -79,9 +85,22 @@ def seed_everything(seed: int) -> None:
 
 @dataclass(frozen=True)
 class StepResult:
-    loss: torch.Tensor  # mean loss over the micro-batches, on the device
-    grad_norm: torch.Tensor  # global gradient norm before clipping, on the device
-    is_finite: bool  # False: the update was skipped
+    """What one step leaves on the device; reading any of it waits for the device."""
+
+    loss: torch.Tensor  # mean loss over the micro-batches
+    grad_norm: torch.Tensor  # global gradient norm before clipping
+    is_finite: torch.Tensor  # bool; False: the update was skipped
+
+
+def step_unless_nonfinite(optimizer: torch.optim.Optimizer, is_finite: torch.Tensor) -> None:
+    """Apply the update only if is_finite, deciding on the device when the optimizer can."""
+    if optimizer.defaults.get("fused"):
+        # fused Adam(W) skips its whole update (moments, decay, step count) on the device when
+        # found_inf is non-zero: the hook GradScaler uses, so the host never waits
+        optimizer.found_inf = (~is_finite).float()
+        optimizer.step()
+    elif bool(is_finite):  # the one host-device sync, for optimizers without that hook
+        optimizer.step()
 
 
 def train_step(
@@ -94,8 +113,8 @@ def train_step(
 ) -> StepResult:
     """One optimizer step over grad_accum_steps micro-batches, skipped if anything is non-finite.
 
-    The finite check is the step's one host-device sync; loss and grad norm stay on the device
-    until the caller logs them. The named ranges are the phases profile_model.py reports.
+    Nothing here waits for the device (with a fused optimizer), so the host queues the next
+    step while this one runs. The named ranges are the phases profile_model.py reports.
     """
     with record_function("optimizer"):
         # zeroed here rather than after the update, so the step's gradients can be inspected
@@ -115,13 +134,12 @@ def train_step(
         scaler.unscale_(optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        # with float16 the GradScaler itself skips overflowing steps and lowers its scale
-        finite = torch.isfinite(total_loss)
-        if not scaler.is_enabled():
-            finite = finite & torch.isfinite(grad_norm)
-        is_finite = bool(finite)
-        if is_finite:
+        is_finite = torch.isfinite(total_loss) & torch.isfinite(grad_norm)
+        if scaler.is_enabled():
+            # float16: the GradScaler skips overflowing steps itself and lowers its scale
             scaler.step(optimizer)
+        else:
+            step_unless_nonfinite(optimizer, is_finite)
         scaler.update()
     return StepResult(total_loss, grad_norm, is_finite)
 
@@ -238,6 +256,7 @@ def train(argv: Sequence[str]) -> int:
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
+    configure_backends(device)
     precision = (device, resolve_dtype(cfg.dtype, device))
     config, tokenizer, splits = prepare(config)
     if cfg.aim_logging:
@@ -299,12 +318,14 @@ def training_loop(
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * config.model.block_size
     peak_flops = cfg.peak_flops or measure_matmul_flops(*precision)
     flops_per_token = state.model.flops_per_token()
+    guard = NonfiniteGuard(state, precision[0])
     progress = tqdm(total=cfg.max_iters, initial=state.step, desc="train", unit="step",
                     dynamic_ncols=True, mininterval=0.5)
     window_start, window_steps = time.perf_counter(), 0
     try:
         while state.step < cfg.max_iters:
             if stop.requested:
+                guard.check(state, cfg, tracker, run)
                 return f"stopped by {stop.name}"
             result = train_step(state.step_model, state.optimizer, state.batches, cfg,
                                 precision, state.scaler)
@@ -313,10 +334,15 @@ def training_loop(
             window_steps += 1
             progress.update(1)
             step = state.step
-            count_nonfinite(state, result, cfg, tracker, run)
+            guard.record(result.is_finite)
             if cfg.histogram_interval and step % cfg.histogram_interval == 0:
                 log_histograms(state.model, tracker, step)
-            if step % cfg.log_interval == 0 or step == cfg.max_iters:
+            checkpoint_due = cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0
+            eval_due = step % cfg.eval_interval == 0 or step == cfg.max_iters
+            log_due = step % cfg.log_interval == 0 or step == cfg.max_iters
+            if log_due or eval_due or checkpoint_due:
+                guard.check(state, cfg, tracker, run)
+            if log_due:
                 metrics = {"train/loss": result.loss.item(), "grad_norm": result.grad_norm.item(),
                            "lr": state.optimizer.param_groups[0]["lr"],
                            "tokens_per_sec": window_steps * tokens_per_step
@@ -330,11 +356,11 @@ def training_loop(
                                      mfu=f"{metrics['mfu']:.0%}")
                 window_start, window_steps = time.perf_counter(), 0
             names = []
-            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            if eval_due:
                 if evaluate(state, splits, config, precision, tracker, tokenizer):
                     names.append("best")
                 window_start, window_steps = time.perf_counter(), 0
-            if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
+            if checkpoint_due:
                 names = [f"step_{step}", "last", *names]
             if names:
                 write_checkpoints(run, state, config, tokenizer, names)
@@ -346,23 +372,41 @@ def training_loop(
         progress.close()
 
 
-def count_nonfinite(state: TrainingState, result: StepResult, cfg: TrainConfig,
-                    tracker: Tracker, run: RunPaths) -> None:
-    """Track skipped non-finite steps; too many in a row end training."""
-    if result.is_finite:
-        state.nonfinite_in_a_row = 0
-        return
-    state.nonfinite_in_a_row += 1
-    state.nonfinite_total += 1
-    tracker.log({"nonfinite_steps": state.nonfinite_total}, state.step)
-    console.warn(f"step {state.step}: non-finite loss or gradient, update skipped "
-                 f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_total} in all)")
-    if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-        raise TrainingFailure(
-            f"training stopped: {state.nonfinite_in_a_row} non-finite steps in a row at step "
-            f"{state.step}; the last good checkpoint is in {run.checkpoints}. Lower "
-            "--learning-rate or --grad-clip, or check the data"
-        )
+class NonfiniteGuard:
+    """Counts skipped non-finite steps on the device and reads the counts only at log,
+    evaluation and checkpoint steps, so the loop never waits for the device in between.
+
+    Too many in a row end training at the next such step; the skipped steps left the weights
+    untouched, so nothing is lost by noticing late.
+    """
+
+    def __init__(self, state: TrainingState, device: torch.device) -> None:
+        self.since_check = torch.zeros((), dtype=torch.long, device=device)
+        self.in_a_row = torch.full((), state.nonfinite_in_a_row, dtype=torch.long, device=device)
+
+    def record(self, is_finite: torch.Tensor) -> None:
+        nonfinite = (~is_finite).long()
+        self.since_check += nonfinite
+        self.in_a_row = (self.in_a_row + 1) * nonfinite
+
+    def check(self, state: TrainingState, cfg: TrainConfig, tracker: Tracker,
+              run: RunPaths) -> None:
+        new = int(self.since_check)
+        self.since_check.zero_()
+        state.nonfinite_in_a_row = int(self.in_a_row)
+        if not new:
+            return
+        state.nonfinite_total += new
+        tracker.log({"nonfinite_steps": state.nonfinite_total}, state.step)
+        console.warn(f"step {state.step}: {new} step(s) with a non-finite loss or gradient "
+                     f"skipped since the last check ({state.nonfinite_in_a_row} in a row now, "
+                     f"{state.nonfinite_total} in all)")
+        if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+            raise TrainingFailure(
+                f"training stopped: {state.nonfinite_in_a_row} non-finite steps in a row at "
+                f"step {state.step}; the last good checkpoint is in {run.checkpoints}. Lower "
+                "--learning-rate or --grad-clip, or check the data"
+            )
 
 
 def write_checkpoints(run: RunPaths, state: TrainingState, config: Config,

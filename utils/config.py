@@ -249,13 +249,7 @@ class ConfigLoader:
         return parser
 
     def load(self, args: argparse.Namespace) -> Config:
-        layers = self._base_layers()
-        if args.config is not None:
-            layers.append(self._file_layer(args.config, f"--config {args.config}"))
-        layers.append(self._env_layer())
-        flags = {k: v for k, v in vars(args).items() if k in _SECTIONS}
-        layers.append(_Layer("command-line flags", flags, from_text=True))
-        merged = self._merge(layers)
+        merged = self._merge(self._base_layers() + self._user_layers(args))
         return Config(model=_build(ModelConfig, merged), train=_build(TrainConfig, merged))
 
     def load_for_resume(self, saved: Mapping[str, Mapping[str, Any]], args: argparse.Namespace,
@@ -264,13 +258,8 @@ class ConfigLoader:
         resuming training only RESUMABLE_FIELDS may change."""
         saved_values = {k: v for section in saved.values() for k, v in section.items()
                         if k in _SECTIONS}
-        layers = [_Layer("the run's saved config", saved_values, from_text=False)]
-        if args.config is not None:
-            layers.append(self._file_layer(args.config, f"--config {args.config}"))
-        layers.append(self._env_layer())
-        flags = {k: v for k, v in vars(args).items() if k in _SECTIONS}
-        layers.append(_Layer("command-line flags", flags, from_text=True))
-        merged = self._merge(layers)
+        saved_layer = _Layer("the run's saved config", saved_values, from_text=False)
+        merged = self._merge([saved_layer, *self._user_layers(args)])
         for key, (value, source) in merged.items():
             changed = value != saved_values.get(key, value)
             if only_resumable_changes and changed and key not in RESUMABLE_FIELDS:
@@ -281,6 +270,17 @@ class ConfigLoader:
                     f"{', '.join(sorted(RESUMABLE_FIELDS))}"
                 )
         return Config(model=_build(ModelConfig, merged), train=_build(TrainConfig, merged))
+
+    def _user_layers(self, args: argparse.Namespace) -> list[_Layer]:
+        """--config FILE, then CHARGPT_* environment variables, then flags: the layers a user
+        sets for one invocation."""
+        layers = []
+        if args.config is not None:
+            layers.append(self._file_layer(args.config, f"--config {args.config}"))
+        layers.append(self._env_layer())
+        flags = {k: v for k, v in vars(args).items() if k in _SECTIONS}
+        layers.append(_Layer("command-line flags", flags, from_text=True))
+        return layers
 
     def _base_layers(self) -> list[_Layer]:
         layers = [_Layer("defaults", {}, from_text=False)]

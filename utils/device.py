@@ -41,10 +41,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024,
+def configure_backends(device: torch.device) -> None:
+    """Backend switches that pay on this device: TF32 matmuls and convolutions on CUDA, which
+    keep float32 storage but multiply with a 10-bit mantissa on tensor cores."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int | None = None,
                          repeats: int = 10) -> float:
     """FLOP/s of a square matmul in `dtype` on `device`: the ceiling MFU is measured against
-    when no peak_flops is configured."""
+    when no peak_flops is configured. GPUs need a large product to approach their peak."""
+    size = size or (4096 if device.type == "cuda" else 1024)
     # a private generator: drawing from the global one would shift training's random stream
     generator = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
