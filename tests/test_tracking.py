@@ -162,3 +162,17 @@ def test_aim_ui_serves_the_repo(tracked_run):
     port = free_port()
     assert serve_and_get([binary, "up", "--repo", str(tracked_run[1]), "--host", "127.0.0.1",
                           "--port", str(port)], port) == 200
+
+
+def test_histogram_bins_count_every_value_between_min_and_max():
+    import torch
+
+    from utils.tracking import histograms
+
+    values = torch.tensor([0.0, 1.0, 1.0, 2.0, 4.0])
+    (h,) = histograms({"x": values}, bins=4).values()
+    assert (h.min, h.max, h.count, h.sum, h.sum_squares) == (0.0, 4.0, 5, 8.0, 22.0)
+    assert h.bin_counts == [1.0, 2.0, 1.0, 1.0]  # bins [0,1) [1,2) [2,3) [3,4]
+    assert h.bin_edges == [1.0, 2.0, 3.0, 4.0]
+    (constant,) = histograms({"c": torch.full((3,), 2.0)}, bins=2).values()
+    assert sum(constant.bin_counts) == 3

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,11 +25,47 @@ from utils.config import PROJECT_ROOT, Config
 from utils.errors import UserError
 from utils.runs import RunPaths
 
+HISTOGRAM_BINS = 64
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """A tensor's value distribution: equal-width bins between its min and max, plus moments."""
+
+    min: float
+    max: float
+    count: int
+    sum: float
+    sum_squares: float
+    bin_counts: list[float]
+
+    @property
+    def bin_edges(self) -> list[float]:
+        """Right edge of each bin."""
+        width = (self.max - self.min) / len(self.bin_counts)
+        return [self.min + width * (i + 1) for i in range(len(self.bin_counts))]
+
+
+def histograms(tensors: Mapping[str, torch.Tensor],
+               bins: int = HISTOGRAM_BINS) -> dict[str, Histogram]:
+    """Bin every tensor where it lives and copy only the bins: two small transfers in all,
+    instead of every parameter and gradient crossing to the host."""
+    flat = {name: t.detach().float().flatten() for name, t in tensors.items()}
+    stats = torch.stack([torch.stack([f.min(), f.max(), f.sum(), f.square().sum()])
+                         for f in flat.values()]).tolist()
+    counts = torch.stack([torch.histc(f, bins, min=lo, max=hi if hi > lo else lo + 1.0)
+                          for f, (lo, hi, _, _) in zip(flat.values(), stats, strict=True)])
+    return {
+        name: Histogram(lo, hi if hi > lo else lo + 1.0, f.numel(), total, squares, row)
+        for (name, f), (lo, hi, total, squares), row
+        in zip(flat.items(), stats, counts.tolist(), strict=True)
+    }
+
 
 class Backend(Protocol):
     def start(self, config: Config, metadata: Mapping[str, str]) -> None: ...
     def log(self, metrics: Mapping[str, float], step: int) -> None: ...
-    def log_distributions(self, tensors: Mapping[str, torch.Tensor], step: int) -> None: ...
+    def log_distributions(self, distributions: Mapping[str, Histogram], step: int) -> None: ...
     def log_text(self, name: str, text: str, step: int) -> None: ...
     def log_summary(self, hparams: Mapping[str, Any], results: Mapping[str, float]) -> None: ...
     def close(self) -> None: ...
@@ -59,9 +96,11 @@ class Tracker:
             backend.log(metrics, step)
 
     def log_distributions(self, tensors: Mapping[str, torch.Tensor], step: int) -> None:
-        cpu = {name: t.detach().float().flatten().cpu() for name, t in tensors.items()}
+        if not self.backends:
+            return
+        summaries = histograms(tensors)
         for backend in self.backends:
-            backend.log_distributions(cpu, step)
+            backend.log_distributions(summaries, step)
 
     def log_text(self, name: str, text: str, step: int) -> None:
         for backend in self.backends:
@@ -115,9 +154,10 @@ class TensorBoardBackend:
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
 
-    def log_distributions(self, tensors: Mapping[str, torch.Tensor], step: int) -> None:
-        for name, values in tensors.items():
-            self.writer.add_histogram(name, values, step)
+    def log_distributions(self, distributions: Mapping[str, Histogram], step: int) -> None:
+        for name, h in distributions.items():
+            self.writer.add_histogram_raw(name, h.min, h.max, h.count, h.sum, h.sum_squares,
+                                          h.bin_edges, h.bin_counts, step)
 
     def log_text(self, name: str, text: str, step: int) -> None:
         # TensorBoard renders text as markdown; indenting makes it a code block, which keeps
@@ -164,11 +204,11 @@ class AimBackend:
             metric, context = _aim_name(name)
             self.run.track(value, name=metric, step=step, context=context)
 
-    def log_distributions(self, tensors: Mapping[str, torch.Tensor], step: int) -> None:
-        for name, values in tensors.items():
+    def log_distributions(self, distributions: Mapping[str, Histogram], step: int) -> None:
+        for name, h in distributions.items():
             metric, context = _aim_name(name)
-            self.run.track(self.aim.Distribution(values.numpy()), name=metric, step=step,
-                           context=context)
+            distribution = self.aim.Distribution(hist=h.bin_counts, bin_range=(h.min, h.max))
+            self.run.track(distribution, name=metric, step=step, context=context)
 
     def log_text(self, name: str, text: str, step: int) -> None:
         metric, context = _aim_name(name)
