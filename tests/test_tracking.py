@@ -176,3 +176,24 @@ def test_histogram_bins_count_every_value_between_min_and_max():
     assert h.bin_edges == [1.0, 2.0, 3.0, 4.0]
     (constant,) = histograms({"c": torch.full((3,), 2.0)}, bins=2).values()
     assert sum(constant.bin_counts) == 3
+
+
+def test_resume_continues_the_same_aim_run_and_tensorboard_log(tmp_path, capsys):
+    from aim.storage.context import Context
+
+    import train
+
+    args = [*TINY, "--checkpoint-interval", "20", "--aim", "--aim-repo", str(tmp_path / "aim"),
+            "--runs-dir", str(tmp_path / "runs")]
+    assert train.main(args) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    record = (run_dir / "meta" / "aim_run.txt").read_text()
+    assert train.main(["--resume", str(run_dir), "--max-iters", "60"]) == 0
+    capsys.readouterr()
+    assert (run_dir / "meta" / "aim_run.txt").read_text() == record
+    run = find_aim_run(tmp_path / "aim", run_dir.name)
+    steps, _ = steps_and_values(run.get_metric("loss", Context({"subset": "train"})))
+    assert steps == [10, 20, 30, 40, 50, 60] and not run.active
+    events = EventAccumulator(str(run_dir / "logs" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [10, 20, 30, 40, 50, 60]

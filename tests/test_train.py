@@ -153,3 +153,26 @@ def test_bf16_autocast_reaches_the_float32_val_loss(tmp_path, capsys):
         assert code == 0
         losses[dtype] = float(re.search(r"val loss (\d+\.\d+)", out).group(1))
     assert abs(losses["float32"] - losses["bfloat16"]) < 0.02, losses
+
+
+def test_a_second_ctrl_c_quits_at_once(tmp_path):
+    """Steps of over a second, so both signals land inside the same step; they are 0.3 s apart
+    because the interpreter merges signals that arrive during one long operation."""
+    runs = tmp_path / "runs"
+    process = subprocess.Popen(
+        [sys.executable, str(PROJECT_ROOT / "train.py"), "--n-layer", "2", "--n-embd", "256",
+         "--n-head", "4", "--block-size", "128", "--batch-size", "128", "--max-iters", "1000",
+         "--device", "cpu", "--runs-dir", str(runs)],
+        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(runs.glob("*/logs/tensorboard/events*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.5)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    assert "interrupted again: quitting at once" in err and "Traceback" not in err
+    (run_dir,) = runs.iterdir()
+    assert not (run_dir / "artifacts" / "export" / "model.safetensors").exists()
