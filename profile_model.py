@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import train
@@ -79,14 +80,38 @@ def profile_steps(args: argparse.Namespace, config, state, precision):
 
 
 def phase_table(profiler, steps: int, step_s: float) -> tuple[str, dict[str, float]]:
-    """Milliseconds per step and share of the step for each phase; 'other' is the rest."""
-    totals = {e.key: e.cpu_time_total for e in profiler.key_averages() if e.key in PHASES}
-    phase_ms = {name: totals.get(name, 0.0) / 1e3 / steps for name in PHASES}
+    """Milliseconds per step and share of the step for each phase; 'other' is the rest.
+
+    The phases are train_step's record_function ranges. On CPU their host time is the work;
+    on CUDA the host only queues kernels, so the share is taken from the time the device spent
+    inside each range (the profiler's GPU-side copy of the annotation). Backward kernels are
+    launched by autograd's engine thread, outside the range, so backward's device time is all
+    device work that falls in no other phase; 'other' is then the device's idle time."""
+    host = dict.fromkeys(PHASES, 0.0)
+    device = dict.fromkeys(PHASES, 0.0)
+    for event in profiler.events():
+        if event.name in host:
+            times = host if event.device_type == DeviceType.CPU else device
+            times[event.name] += event.time_range.elapsed_us() / 1e3 / steps
+    # every kernel counts once as the self device time of the op that launched it
+    device_work = sum(e.self_device_time_total for e in profiler.key_averages()) / 1e3 / steps
+    on_device = any(device.values())
+    if on_device:
+        inside_ranges = sum(v for name, v in device.items() if name != "backward")
+        device["backward"] = max(0.0, device_work - inside_ranges)
+    phase_ms = device if on_device else host
     step_ms = step_s * 1e3
     phase_ms["other"] = max(0.0, step_ms - sum(phase_ms.values()))
-    lines = ["| phase | ms/step | share |", "|---|---|---|"]
-    lines += [f"| {name} | {ms:.2f} | {100 * ms / step_ms:.1f}% |" for name, ms in phase_ms.items()]
-    lines.append(f"| step | {step_ms:.2f} | 100.0% |")
+    if on_device:
+        lines = ["| phase | device ms/step | host ms/step | share |", "|---|---|---|---|"]
+        lines += [f"| {name} | {ms:.2f} | {host.get(name, 0.0):.2f} | {100 * ms / step_ms:.1f}% |"
+                  for name, ms in phase_ms.items()]
+        lines.append(f"| step | {step_ms:.2f} | | 100.0% |")
+    else:
+        lines = ["| phase | ms/step | share |", "|---|---|---|"]
+        lines += [f"| {name} | {ms:.2f} | {100 * ms / step_ms:.1f}% |"
+                  for name, ms in phase_ms.items()]
+        lines.append(f"| step | {step_ms:.2f} | 100.0% |")
     return "\n".join(lines), phase_ms
 
 
