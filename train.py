@@ -29,9 +29,9 @@ from utils import console
 from utils.checkpoint import (
     TrainingState,
     checkpoint_meta,
-    find_checkpoint,
     prune_step_checkpoints,
     remove_partial_writes,
+    resolve_resume,
     restore_checkpoint,
     save_checkpoint,
     save_export,
@@ -46,7 +46,7 @@ from utils.device import (
 )
 from utils.errors import TrainingFailure, UserError, run_main
 from utils.interrupts import GracefulStop
-from utils.runs import RunPaths, command_line, create_run, latest_run, write_metadata
+from utils.runs import RunPaths, command_line, create_run, write_metadata
 from utils.tracking import Tracker, check_aim_available, flat_hparams
 
 INTERRUPTED_EXIT_CODE = 130
@@ -221,35 +221,11 @@ def build_parser(loader: ConfigLoader) -> argparse.ArgumentParser:
     return parser
 
 
-def load_resumed(loader: ConfigLoader, args: argparse.Namespace) -> tuple[RunPaths, Path, Config]:
-    """The run to resume, its last checkpoint, and its saved config with allowed overrides."""
-    if args.resume == "latest":
-        runs_dir = Path(loader.load(args).train.runs_dir)
-        found = latest_run(runs_dir, "artifacts/checkpoints/last.safetensors")
-        if found is None:
-            raise UserError(f"no run with a checkpoint in {runs_dir}/ to resume")
-        run = RunPaths(found)
-    else:
-        run = RunPaths(Path(args.resume))
-        if not run.root.is_dir():
-            raise UserError(f"cannot resume {run.root}: no such run folder")
-    checkpoint = find_checkpoint(run.checkpoints, "last")
-    meta = checkpoint_meta(checkpoint)
-    config = loader.load_for_resume({"model": meta["model_config"],
-                                     "train": meta["train_config"]}, args)
-    if meta["step"] >= config.train.max_iters:
-        raise UserError(
-            f"run {run.run_id} is finished ({meta['step']} of {config.train.max_iters} steps); "
-            f"pass --max-iters N with N > {meta['step']} to train it further"
-        )
-    return run, checkpoint, config
-
-
 def train(argv: Sequence[str]) -> int:
     loader = ConfigLoader()
     args = build_parser(loader).parse_args(argv)
     if args.resume:
-        run, checkpoint, config = load_resumed(loader, args)
+        run, checkpoint, config = resolve_resume(args.resume, loader, args)
     else:
         run, checkpoint, config = None, None, loader.load(args)
     cfg = config.train

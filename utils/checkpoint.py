@@ -9,6 +9,7 @@ through JSON.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -29,8 +30,9 @@ from safetensors.torch import load_file, save_file
 from data import BatchSampler
 from model import LanguageModel, ModelConfig
 from tokenizer import CharTokenizer
-from utils.config import Config
+from utils.config import Config, ConfigLoader
 from utils.errors import TrainingFailure, UserError
+from utils.runs import RunPaths, latest_run
 
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_SUFFIX = ".safetensors"
@@ -339,3 +341,30 @@ def _restore_rng(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
+
+
+def resolve_resume(
+    which: str, loader: ConfigLoader, args: argparse.Namespace
+) -> tuple[RunPaths, Path, Config]:
+    """The run to resume (a folder or 'latest'), its last checkpoint, and its saved config with
+    the overrides resuming allows."""
+    if which == "latest":
+        runs_dir = Path(loader.load(args).train.runs_dir)
+        found = latest_run(runs_dir, "artifacts/checkpoints/last.safetensors")
+        if found is None:
+            raise UserError(f"no run with a checkpoint in {runs_dir}/ to resume")
+        run = RunPaths(found)
+    else:
+        run = RunPaths(Path(which))
+        if not run.root.is_dir():
+            raise UserError(f"cannot resume {run.root}: no such run folder")
+    checkpoint = find_checkpoint(run.checkpoints, "last")
+    meta = checkpoint_meta(checkpoint)
+    config = loader.load_for_resume({"model": meta["model_config"],
+                                     "train": meta["train_config"]}, args)
+    if meta["step"] >= config.train.max_iters:
+        raise UserError(
+            f"run {run.run_id} is finished ({meta['step']} of {config.train.max_iters} steps); "
+            f"pass --max-iters N with N > {meta['step']} to train it further"
+        )
+    return run, checkpoint, config
