@@ -28,7 +28,6 @@ from tokenizer import CharTokenizer
 from utils import console
 from utils.checkpoint import (
     TrainingState,
-    checkpoint_meta,
     prune_step_checkpoints,
     remove_partial_writes,
     resolve_resume,
@@ -44,7 +43,7 @@ from utils.device import (
     resolve_device,
     resolve_dtype,
 )
-from utils.errors import TrainingFailure, UserError, run_main
+from utils.errors import TrainingFailure, run_main
 from utils.interrupts import GracefulStop
 from utils.runs import RunPaths, command_line, create_run, write_metadata
 from utils.tracking import Tracker, check_aim_available, flat_hparams
@@ -239,14 +238,12 @@ def train(argv: Sequence[str]) -> int:
         check_aim_available()
     state = init_state(config, splits, *precision)
     if checkpoint is not None:
-        remove_partial_writes(run.checkpoints)
-        restore_checkpoint(state, checkpoint, config)
-        if checkpoint_meta(checkpoint)["tokenizer"] != tokenizer.chars:
-            raise UserError(f"{cfg.data_path} no longer has the characters the run was "
-                            "trained on; resume with the original text")
+        restore_checkpoint(state, checkpoint, config, tokenizer)
     # every input is valid: only now does the run get (or touch) a folder
     if run is None:
         run = create_run(Path(cfg.runs_dir), cfg.run_tag)
+    else:
+        remove_partial_writes(run.checkpoints)
     metadata = write_metadata(run, config.to_dict(), command_line("train.py", argv),
                               resumed_at_step=state.step if checkpoint else None)
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * config.model.block_size

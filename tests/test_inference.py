@@ -170,3 +170,26 @@ def test_unknown_checkpoint_lists_the_available_ones(trained_run, capsys):
     code, _, err = run_inference(capsys, "--run", str(trained_run), "--checkpoint", "step_7")
     assert code == 2
     assert "no checkpoint 'step_7'" in err and "best, last, step_10, step_20, step_30" in err
+
+
+def test_prompt_file_is_read_and_a_missing_one_reported(exported_run, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("to be, or", encoding="utf-8")
+    code, out, _ = run_inference(capsys, "--run", str(exported_run), "--prompt-file",
+                                 str(prompt), "--max-new-tokens", "5", "--seed", "1")
+    assert code == 0 and out.startswith("to be, or") and len(out) == len("to be, or") + 6
+    code, _, err = run_inference(capsys, "--run", str(exported_run), "--prompt-file",
+                                 str(tmp_path / "none.txt"))
+    assert code == 2 and "cannot read --prompt-file" in err
+
+
+def test_sampling_flags_reach_the_sampler(exported_run, capsys):
+    """top-k 1 at any temperature is greedy; a huge repetition penalty changes greedy text."""
+    base = ["--run", str(exported_run), "--max-new-tokens", "40", "--prompt", "a"]
+    greedy = run_inference(capsys, *base, "--temperature", "0")[1]
+    assert run_inference(capsys, *base, "--temperature", "1.5", "--top-k", "1",
+                         "--seed", "9")[1] == greedy
+    assert run_inference(capsys, *base, "--temperature", "1.0", "--min-p", "1.0",
+                         "--seed", "9")[1] == greedy
+    assert run_inference(capsys, *base, "--temperature", "0",
+                         "--repetition-penalty", "1000")[1] != greedy

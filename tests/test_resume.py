@@ -314,3 +314,29 @@ def test_resume_may_extend_a_finished_run(finished_run, capsys):
     meta = read_checkpoint(finished_run / "artifacts/checkpoints/last.safetensors")[1]
     assert meta["step"] == 60
     assert (finished_run / "meta" / "resumed_at_step_40" / "command.txt").is_file()
+
+
+def test_resume_latest_picks_the_newest_run(finished_run, capsys):
+    code, _, err = run_in_process(capsys, "--resume", "latest", "--runs-dir",
+                                  str(finished_run.parent), "--max-iters", "50")
+    assert code == 0, err
+    assert f"resuming {finished_run.name} at step 40" in err
+
+
+def test_resume_on_a_text_with_other_characters_is_refused(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    text = (PROJECT_ROOT / "input.txt").read_text(encoding="utf-8")[:50_000]
+    corpus.write_text(text, encoding="utf-8")
+    code, _, err = run_in_process(capsys, *TINY, "--max-iters", "40", "--data-path", str(corpus),
+                                  "--runs-dir", str(tmp_path / "runs"))
+    assert code == 0, err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    corpus.write_text(text.replace("e", "\u00e9"), encoding="utf-8")
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    code, _, err = run_in_process(capsys, "--resume", str(run_dir), "--max-iters", "80")
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"error: {corpus} no longer has the characters checkpoint "
+        f"{run_dir / 'artifacts' / 'checkpoints' / 'last.safetensors'} was trained on; resume "
+        "with the original text"]
+    assert sorted(p.name for p in run_dir.rglob("*")) == before

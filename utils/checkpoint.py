@@ -235,12 +235,16 @@ def find_checkpoint(checkpoint_dir: Path, which: str = "last") -> Path:
     raise CheckpointError(f"no checkpoint '{which}' in {checkpoint_dir} (available: {listed})")
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and JSON state of a checkpoint file, or a CheckpointError if unreadable."""
+def read_checkpoint(
+    path: Path, with_tensors: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and JSON state of a checkpoint file, or a CheckpointError if unreadable.
+    Without tensors only the file's header is read."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            names = handle.keys() if with_tensors else []
+            tensors = {name: handle.get_tensor(name) for name in names}
         meta = json.loads(metadata[STATE_METADATA_KEY])
     except (SafetensorError, OSError, KeyError, ValueError) as error:
         raise CheckpointError(
@@ -250,9 +254,17 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return tensors, meta
 
 
-def restore_checkpoint(state: TrainingState, path: Path, config: Config) -> None:
-    """Load a checkpoint into a freshly built state, verifying it fits the config first."""
+def restore_checkpoint(
+    state: TrainingState, path: Path, config: Config, tokenizer: CharTokenizer
+) -> None:
+    """Load a checkpoint into a freshly built state, verifying first that it fits the config
+    and the tokenizer of the text it will continue on."""
     tensors, meta = read_checkpoint(path)
+    if meta["tokenizer"] != tokenizer.chars:
+        raise CheckpointError(
+            f"{config.train.data_path} no longer has the characters checkpoint {path} was "
+            "trained on; resume with the original text"
+        )
     saved_model = meta["model_config"]
     current_model = dataclasses.asdict(config.model)
     differing = [k for k in current_model if saved_model.get(k) != current_model[k]]
@@ -275,7 +287,8 @@ def restore_checkpoint(state: TrainingState, path: Path, config: Config) -> None
 
 
 def checkpoint_meta(path: Path) -> dict[str, Any]:
-    return read_checkpoint(path)[1]
+    """A checkpoint's JSON state (step, configs, ...) without loading its tensors."""
+    return read_checkpoint(path, with_tensors=False)[1]
 
 
 def load_checkpoint_model(
