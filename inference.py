@@ -20,7 +20,7 @@ from utils import console
 from utils.checkpoint import WEIGHTS_FILE, find_checkpoint, load_checkpoint_model, load_export
 from utils.config import ArgumentParser
 from utils.device import autocast, resolve_device, resolve_dtype
-from utils.errors import ConfigFieldError, UserError, run_main
+from utils.errors import ConfigFieldError, UserError
 from utils.runs import RunPaths, latest_run
 
 SAMPLE_SEPARATOR = "\n---------------\n"
@@ -220,7 +220,7 @@ def generate(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(generate, sys.argv[1:] if argv is None else argv)
+    return console.run_main(generate, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

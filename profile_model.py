@@ -26,7 +26,7 @@ from utils import console
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigLoader
 from utils.device import measure_matmul_flops, resolve_device, resolve_dtype, synchronize
-from utils.errors import UserError, run_main
+from utils.errors import UserError
 from utils.runs import command_line, create_run, write_metadata
 
 PHASES = ("data", "forward", "backward", "optimizer")
@@ -170,7 +170,7 @@ def profile_model(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(profile_model, sys.argv[1:] if argv is None else argv)
+    return console.run_main(profile_model, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

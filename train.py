@@ -2,6 +2,7 @@
 
 Usage: python train.py --run-tag baseline --batch-size 16
        python train.py --resume runs/<id>      # continue a stopped run from its last checkpoint
+       torchrun --standalone --nproc_per_node=4 train.py ...   # DDP over 4 processes
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import dataclasses
 import math
 import random
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -25,8 +27,9 @@ from tqdm import tqdm
 from data import BatchSampler, Splits, read_text, split_ids
 from model import LanguageModel
 from tokenizer import CharTokenizer
-from utils import console
+from utils import console, distributed
 from utils.checkpoint import (
+    RankState,
     TrainingState,
     prune_step_checkpoints,
     remove_partial_writes,
@@ -43,7 +46,7 @@ from utils.device import (
     resolve_device,
     resolve_dtype,
 )
-from utils.errors import TrainingFailure, run_main
+from utils.errors import TrainingFailure
 from utils.interrupts import GracefulStop
 from utils.runs import RunPaths, command_line, create_run, write_metadata
 from utils.tracking import Tracker, check_aim_available, flat_hparams
@@ -119,17 +122,22 @@ def train_step(
         # zeroed here rather than after the update, so the step's gradients can be inspected
         optimizer.zero_grad(set_to_none=True)
     total_loss = torch.zeros((), device=precision[0])
-    for _ in range(cfg.grad_accum_steps):
+    for micro_step in range(cfg.grad_accum_steps):
         with record_function("data"):
             x, y = batches.next_batch()
-        with record_function("forward"), autocast(*precision):
-            _, loss = model(x, y)
-            # grads are summed over micro-steps, so scale each loss to keep the mean
-            loss = loss / cfg.grad_accum_steps
-        with record_function("backward"):
-            scaler.scale(loss).backward()
+        # under DDP, gradients are averaged over ranks in the last micro-step's backward only
+        with distributed.gradient_sync(model, enabled=micro_step == cfg.grad_accum_steps - 1):
+            with record_function("forward"), autocast(*precision):
+                _, loss = model(x, y)
+                # grads are summed over micro-steps, so scale each loss to keep the mean
+                loss = loss / cfg.grad_accum_steps
+            with record_function("backward"):
+                scaler.scale(loss).backward()
         total_loss += loss.detach()
     with record_function("optimizer"):
+        # averaged over ranks: a non-finite loss on any rank makes the mean non-finite, so
+        # every rank skips the same steps and the replicas never diverge
+        total_loss = distributed.mean_over_ranks(total_loss)
         scaler.unscale_(optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -151,19 +159,22 @@ def estimate_loss(
     block_size: int,
     precision: tuple[torch.device, torch.dtype],
 ) -> dict[str, float]:
-    """Mean loss over eval_iters fixed batches of each split, in eval mode."""
+    """Mean loss over eval_iters fixed batches of each split, in eval mode.
+
+    Under torchrun each rank evaluates its own batches and the means are averaged, so the
+    estimate rests on eval_iters x world_size batches."""
     model.eval()
     losses = {}
+    seed = cfg.seed + EVAL_SEED_OFFSET + distributed.rank()
     for name, data in (("train", splits.train), ("val", splits.val)):
-        sampler = BatchSampler(data, block_size, cfg.batch_size, cfg.seed + EVAL_SEED_OFFSET,
-                               precision[0])
+        sampler = BatchSampler(data, block_size, cfg.batch_size, seed, precision[0])
         total = torch.zeros((), device=precision[0])
         for _ in range(cfg.eval_iters):
             x, y = sampler.next_batch()
             with autocast(*precision):
                 _, loss = model(x, y)
             total += loss
-        losses[name] = total.item() / cfg.eval_iters
+        losses[name] = distributed.mean_over_ranks(total).item() / cfg.eval_iters
     model.train()
     return losses
 
@@ -197,7 +208,9 @@ def prepare(config: Config) -> tuple[Config, CharTokenizer, Splits]:
 def init_state(config: Config, splits: Splits, device: torch.device,
                dtype: torch.dtype) -> TrainingState:
     cfg = config.train
-    seed_everything(cfg.seed)
+    # each rank draws its own batches and dropout masks; DDP gives every rank rank 0's weights
+    seed = cfg.seed + distributed.rank()
+    seed_everything(seed)
     model = LanguageModel(config.model).to(device)
     optimizer = build_optimizer(model, cfg, device)
     return TrainingState(
@@ -206,8 +219,7 @@ def init_state(config: Config, splits: Splits, device: torch.device,
         optimizer=optimizer,
         scheduler=LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.learning_rate),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        batches=BatchSampler(splits.train, config.model.block_size, cfg.batch_size, cfg.seed,
-                             device),
+        batches=BatchSampler(splits.train, config.model.block_size, cfg.batch_size, seed, device),
     )
 
 
@@ -221,16 +233,18 @@ def build_parser(loader: ConfigLoader) -> argparse.ArgumentParser:
 
 
 def train(argv: Sequence[str]) -> int:
+    launch = distributed.current_launch()
     loader = ConfigLoader()
     args = build_parser(loader).parse_args(argv)
     if args.resume:
-        run, checkpoint, config = resolve_resume(args.resume, loader, args)
+        run, checkpoint, config = resolve_resume(args.resume, loader, args, launch.world_size)
     else:
         run, checkpoint, config = None, None, loader.load(args)
     cfg = config.train
-    if cfg.num_threads is not None:
-        torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
+    threads = cfg.num_threads or distributed.threads_per_process(launch)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = distributed.device_for_rank(resolve_device(cfg.device), launch)
     configure_backends(device)
     precision = (device, resolve_dtype(cfg.dtype, device))
     config, tokenizer, splits = prepare(config)
@@ -238,47 +252,62 @@ def train(argv: Sequence[str]) -> int:
         check_aim_available()
     state = init_state(config, splits, *precision)
     if checkpoint is not None:
-        restore_checkpoint(state, checkpoint, config, tokenizer)
-    # every input is valid: only now does the run get (or touch) a folder
-    if run is None:
-        run = create_run(Path(cfg.runs_dir), cfg.run_tag)
-    else:
-        remove_partial_writes(run.checkpoints)
-    metadata = write_metadata(run, config.to_dict(), command_line("train.py", argv),
-                              resumed_at_step=state.step if checkpoint else None)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * config.model.block_size
-    console.info(
-        f"{'resuming' if checkpoint else 'run'} {run.run_id} at step {state.step}: "
-        f"{state.model.num_parameters() / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, "
-        f"device {device}, dtype {str(precision[1])[6:]}, {tokens_per_step} tokens per step"
-    )
-
-    tracker = Tracker.open(run, config, metadata, resume_step=state.step if checkpoint else None)
-    try:
-        with GracefulStop() as stop:
-            end = training_loop(state, splits, config, precision, tracker, run, tokenizer, stop)
-            console.info(f"training ended at step {state.step}: {end}")
-            tracker.log_text("end_reason", end, state.step)
-            if not (run.checkpoints / f"step_{state.step}.safetensors").exists():
-                write_checkpoints(run, state, config, tokenizer, [f"step_{state.step}", "last"])
-            save_export(run.export, state.model, tokenizer)
-        tracker.log_summary(flat_hparams(config), {
-            "hparams/final_val_loss": state.last_losses.get("val", math.nan),
-            "hparams/best_val_loss": state.best_val_loss,
-        })
-    except KeyboardInterrupt:
-        console.warn(f"interrupted again: quitting at once; resume from the last checkpoint "
-                     f"with python train.py --resume {run.root}")
-        return INTERRUPTED_EXIT_CODE
-    finally:
-        tracker.close()
-    sample = sample_text(state.model, tokenizer, cfg.sample_tokens, cfg.seed, device)
-    report(run, state.last_losses, sample)
+        restore_checkpoint(state, checkpoint, config, tokenizer, launch.rank)
+    # every input is valid: only now do processes join up and the run get (or touch) a folder
+    with distributed.process_group(launch, device) as group:
+        state.step_model = group.wrap(state.step_model, device)
+        resumed_at_step = state.step if checkpoint else None
+        command = command_line("train.py", argv, launcher=launch.launcher())
+        run, metadata = distributed.on_main(
+            lambda: open_run(run, config, command, resumed_at_step))
+        global_batch = cfg.global_batch_size(launch.world_size)
+        console.info(
+            f"{'resuming' if checkpoint else 'run'} {run.run_id} at step {state.step}: "
+            f"{state.model.num_parameters() / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, "
+            f"device {device}, dtype {str(precision[1])[6:]}, {launch.world_size} process(es); "
+            f"global batch {global_batch} sequences ({cfg.batch_size} x {cfg.grad_accum_steps} "
+            f"accumulation x {launch.world_size}) = {global_batch * config.model.block_size} "
+            "tokens per step"
+        )
+        tracker = Tracker.open(run, config, metadata, resume_step=resumed_at_step)
+        try:
+            with GracefulStop() as stop:
+                end = training_loop(state, splits, config, precision, tracker, run, tokenizer,
+                                    stop)
+                console.info(f"training ended at step {state.step}: {end}")
+                tracker.log_text("end_reason", end, state.step)
+                if state.last_saved_step != state.step:
+                    write_checkpoints(run, state, config, tokenizer,
+                                      [f"step_{state.step}", "last"])
+                distributed.on_main(lambda: save_export(run.export, state.model, tokenizer))
+            tracker.log_summary(flat_hparams(config), {
+                "hparams/final_val_loss": state.last_losses.get("val", math.nan),
+                "hparams/best_val_loss": state.best_val_loss,
+            })
+        except KeyboardInterrupt:
+            console.warn(f"interrupted again: quitting at once; resume from the last checkpoint "
+                         f"with python train.py --resume {run.root}")
+            return INTERRUPTED_EXIT_CODE
+        finally:
+            tracker.close()
+        distributed.on_main(lambda: report(run, state, tokenizer, cfg, device))
     if stop.requested:
         console.warn(f"stopped by {stop.name} at step {state.step}; resume with "
-                     f"python train.py --resume {run.root}")
+                     f"{shlex.join(launch.launcher())} train.py --resume {run.root}")
         return stop.exit_code
     return 0
+
+
+def open_run(run: RunPaths | None, config: Config, command: str,
+             resumed_at_step: int | None) -> tuple[RunPaths, dict[str, str]]:
+    """A new run folder, or the resumed one swept of half-written checkpoints, with its
+    metadata written; returns the folder and the metadata texts."""
+    if run is None:
+        run = create_run(Path(config.train.runs_dir), config.train.run_tag)
+    else:
+        remove_partial_writes(run.checkpoints)
+    metadata = write_metadata(run, config.to_dict(), command, resumed_at_step=resumed_at_step)
+    return run, metadata
 
 
 def training_loop(
@@ -288,16 +317,20 @@ def training_loop(
 ) -> str:
     """Optimizer steps until max_iters, early stopping or a stop signal; returns why it ended."""
     cfg = config.train
-    tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * config.model.block_size
-    peak_flops = cfg.peak_flops or measure_matmul_flops(*precision)
+    world_size = distributed.world_size()
+    tokens_per_step = cfg.global_batch_size(world_size) * config.model.block_size
+    # every process measures its own share of the machine; MFU is over all of them
+    peak_flops = (cfg.peak_flops or measure_matmul_flops(*precision)) * world_size
     flops_per_token = state.model.flops_per_token()
     guard = NonfiniteGuard(state, precision[0])
     progress = tqdm(total=cfg.max_iters, initial=state.step, desc="train", unit="step",
-                    dynamic_ncols=True, mininterval=0.5)
+                    dynamic_ncols=True, mininterval=0.5,
+                    disable=not distributed.is_main_process())
     window_start, window_steps = time.perf_counter(), 0
+    check_stop = True
     try:
         while state.step < cfg.max_iters:
-            if stop.requested:
+            if check_stop and stop_agreed(stop, precision[0]):
                 guard.check(state, cfg, tracker, run)
                 return f"stopped by {stop.name}"
             result = train_step(state.step_model, state.optimizer, state.batches, cfg,
@@ -313,8 +346,12 @@ def training_loop(
             checkpoint_due = cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0
             eval_due = step % cfg.eval_interval == 0 or step == cfg.max_iters
             log_due = step % cfg.log_interval == 0 or step == cfg.max_iters
-            if log_due or eval_due or checkpoint_due:
+            sync_point = log_due or eval_due or checkpoint_due
+            if sync_point:
                 guard.check(state, cfg, tracker, run)
+            # ranks must stop at the same step, so they agree on it only where they wait for
+            # the device anyway; a single process checks after every step
+            check_stop = sync_point or not distributed.is_active()
             if log_due:
                 metrics = {"train/loss": result.loss.item(), "grad_norm": result.grad_norm.item(),
                            "lr": state.optimizer.param_groups[0]["lr"],
@@ -343,6 +380,15 @@ def training_loop(
         return f"finished {cfg.max_iters} steps"
     finally:
         progress.close()
+
+
+def stop_agreed(stop: GracefulStop, device: torch.device) -> bool:
+    """True if this or any other training process received a stop signal; all then stop as
+    if they had received it."""
+    signal_number = distributed.max_over_ranks(stop.signal_number or 0, device)
+    if signal_number:
+        stop.adopt(signal_number)
+    return bool(signal_number)
 
 
 class NonfiniteGuard:
@@ -384,10 +430,18 @@ class NonfiniteGuard:
 
 def write_checkpoints(run: RunPaths, state: TrainingState, config: Config,
                       tokenizer: CharTokenizer, names: list[str]) -> None:
+    """Save the state under each name; every rank hands rank 0 its random state to keep."""
     if config.train.keep_checkpoints == 0:
         names = [n for n in names if not n.startswith("step_")] or ["last"]
-    save_checkpoint(run.checkpoints, names, state, config, tokenizer)
-    prune_step_checkpoints(run.checkpoints, config.train.keep_checkpoints)
+    rank_states = distributed.gather_to_main(RankState.capture(state.batches))
+
+    def save() -> None:
+        save_checkpoint(run.checkpoints, names, state, config, tokenizer, rank_states)
+        prune_step_checkpoints(run.checkpoints, config.train.keep_checkpoints)
+
+    distributed.on_main(save)
+    if "last" in names:
+        state.last_saved_step = state.step
 
 
 def evaluate(
@@ -406,7 +460,7 @@ def evaluate(
     state.last_losses = losses
     tracker.log({"train/loss_eval": losses["train"], "val/loss": losses["val"],
                  "val/perplexity": math.exp(losses["val"])}, state.step)
-    if config.train.sample_tokens:
+    if config.train.sample_tokens and distributed.is_main_process():
         sample = sample_text(state.model, tokenizer, config.train.sample_tokens,
                              config.train.seed, precision[0])
         tracker.log_text("samples", sample, state.step)
@@ -423,17 +477,20 @@ def log_histograms(model: torch.nn.Module, tracker: Tracker, step: int) -> None:
     tracker.log_distributions(tensors, step)
 
 
-def report(run: RunPaths, losses: dict[str, float], sample: str) -> None:
+def report(run: RunPaths, state: TrainingState, tokenizer: CharTokenizer, cfg: TrainConfig,
+           device: torch.device) -> None:
     """The script's final user-facing output: a sample, the final losses and the run folder."""
+    sample = sample_text(state.model, tokenizer, cfg.sample_tokens, cfg.seed, device)
     print(f"--- sample ---\n{sample}\n--------------")
-    if losses:
-        print(f"final train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    if state.last_losses:
+        print(f"final train loss {state.last_losses['train']:.4f}, "
+              f"val loss {state.last_losses['val']:.4f}")
     print(f"run folder: {run.root}")
     print(f"generate more: python inference.py --run {run.root}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(train, sys.argv[1:] if argv is None else argv)
+    return console.run_main(train, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

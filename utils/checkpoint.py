@@ -2,9 +2,10 @@
 
 A checkpoint is one safetensors file in artifacts/checkpoints/ (step_<N>, last, best): every
 tensor a resume needs (weights, optimizer moments, RNG and sampler states) plus the rest of the
-state as JSON in the file's metadata. artifacts/export/ holds model.safetensors, config.json and
-tokenizer.json for inference. Nothing is unpickled: tensors go through safetensors, the rest
-through JSON.
+state as JSON in the file's metadata. A run of several processes (torchrun) keeps every rank's
+random state: rank 0's under the plain names, rank r's prefixed "rank<r>.". artifacts/export/
+holds model.safetensors, config.json and tokenizer.json for inference. Nothing is unpickled:
+tensors go through safetensors, the rest through JSON.
 """
 
 from __future__ import annotations
@@ -172,18 +173,55 @@ class TrainingState:
     evals_without_improvement: int = 0
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
+    last_saved_step: int | None = None  # the step the `last` checkpoint holds
+
+
+@dataclass(frozen=True)
+class RankState:
+    """One process's random state: its batch stream and its torch, CUDA, Python and numpy
+    generators. Under torchrun each rank has its own; rank 0 collects them for the checkpoint."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+    @classmethod
+    def capture(cls, batches: BatchSampler) -> RankState:
+        tensors = {"sampler.generator": batches.state_dict()["generator"],
+                   "rng.torch": torch.get_rng_state()}
+        cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+        for index, cuda_state in enumerate(cuda_states):
+            tensors[f"rng.cuda.{index}"] = cuda_state
+        numpy_state = np.random.get_state()
+        meta = {"python_rng": random.getstate(),
+                "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]}
+        return cls(tensors, meta)
+
+    def restore(self, batches: BatchSampler) -> None:
+        batches.load_state_dict({"generator": self.tensors["sampler.generator"]})
+        torch.set_rng_state(self.tensors["rng.torch"])
+        cuda_states = [self.tensors[k] for k in sorted(self.tensors) if k.startswith("rng.cuda.")]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
+        version, internal, gauss = self.meta["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, *rest = self.meta["numpy_rng"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+
+
+def _rank_prefix(rank: int) -> str:
+    return "" if rank == 0 else f"rank{rank}."
 
 
 def save_checkpoint(
     checkpoint_dir: Path, names: Sequence[str], state: TrainingState, config: Config,
-    tokenizer: CharTokenizer,
+    tokenizer: CharTokenizer, rank_states: Sequence[RankState],
 ) -> None:
     """Write the state as checkpoint_dir/<names[0]>.safetensors, then give it the other names.
 
     Each name is replaced atomically (a hard link renamed into place), so every checkpoint on
     disk is complete. A failed write says so and leaves the previous checkpoints intact.
     """
-    tensors, meta = _state_to_tensors(state, config, tokenizer)
+    tensors, meta = _state_to_tensors(state, config, tokenizer, rank_states)
     metadata = {STATE_METADATA_KEY: json.dumps(meta)}
     first = checkpoint_dir / f"{names[0]}{CHECKPOINT_SUFFIX}"
     try:
@@ -255,10 +293,11 @@ def read_checkpoint(
 
 
 def restore_checkpoint(
-    state: TrainingState, path: Path, config: Config, tokenizer: CharTokenizer
+    state: TrainingState, path: Path, config: Config, tokenizer: CharTokenizer, rank: int = 0
 ) -> None:
     """Load a checkpoint into a freshly built state, verifying first that it fits the config
-    and the tokenizer of the text it will continue on."""
+    and the tokenizer of the text it will continue on; `rank` picks this process's random
+    state."""
     tensors, meta = read_checkpoint(path)
     if meta["tokenizer"] != tokenizer.chars:
         raise CheckpointError(
@@ -278,12 +317,17 @@ def restore_checkpoint(
     state.optimizer.load_state_dict(_optimizer_state(tensors, meta))
     state.scheduler.load_state_dict(meta["scheduler"])
     state.scaler.load_state_dict(meta["scaler"])
-    state.batches.load_state_dict({"generator": tensors["sampler.generator"]})
     for name in ("step", "evals_without_improvement", "nonfinite_in_a_row", "nonfinite_total"):
         setattr(state, name, meta[name])
     state.best_val_loss = math.inf if meta["best_val_loss"] is None else meta["best_val_loss"]
     state.last_losses = meta["last_losses"]
-    _restore_rng(tensors, meta)
+    state.last_saved_step = state.step
+    prefix = _rank_prefix(rank)
+    RankState(
+        {k.removeprefix(prefix): v for k, v in tensors.items()
+         if k == f"{prefix}sampler.generator" or k.startswith(f"{prefix}rng.")},
+        {k: meta[prefix + k] for k in ("python_rng", "numpy_rng")},
+    ).restore(state.batches)
 
 
 def checkpoint_meta(path: Path) -> dict[str, Any]:
@@ -304,19 +348,14 @@ def load_checkpoint_model(
 
 
 def _state_to_tensors(
-    state: TrainingState, config: Config, tokenizer: CharTokenizer
+    state: TrainingState, config: Config, tokenizer: CharTokenizer,
+    rank_states: Sequence[RankState],
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {f"model.{k}": v for k, v in weights_of(state.model).items()}
     optimizer = state.optimizer.state_dict()
     for index, param_state in optimizer["state"].items():
         for key, value in param_state.items():
             tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
-    tensors["sampler.generator"] = state.batches.state_dict()["generator"]
-    tensors["rng.torch"] = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-    for index, cuda_state in enumerate(cuda_states):
-        tensors[f"rng.cuda.{index}"] = cuda_state
-    numpy_state = np.random.get_state()
     meta = {
         "step": state.step,
         "best_val_loss": None if math.isinf(state.best_val_loss) else state.best_val_loss,
@@ -330,9 +369,12 @@ def _state_to_tensors(
         "optimizer_param_groups": optimizer["param_groups"],
         "scheduler": state.scheduler.state_dict(),
         "scaler": state.scaler.state_dict(),
-        "python_rng": random.getstate(),
-        "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "world_size": len(rank_states),
     }
+    for rank, rank_state in enumerate(rank_states):
+        prefix = _rank_prefix(rank)
+        tensors.update({prefix + k: v for k, v in rank_state.tensors.items()})
+        meta.update({prefix + k: v for k, v in rank_state.meta.items()})
     return tensors, meta
 
 
@@ -345,22 +387,12 @@ def _optimizer_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any
     return {"state": state, "param_groups": meta["optimizer_param_groups"]}
 
 
-def _restore_rng(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-    version, internal, gauss = meta["python_rng"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, *rest = meta["numpy_rng"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
-
-
 def resolve_resume(
-    which: str, loader: ConfigLoader, args: argparse.Namespace
+    which: str, loader: ConfigLoader, args: argparse.Namespace, world_size: int = 1
 ) -> tuple[RunPaths, Path, Config]:
     """The run to resume (a folder or 'latest'), its last checkpoint, and its saved config with
-    the overrides resuming allows."""
+    the overrides resuming allows. A run resumes with as many processes as it was trained with:
+    each one continues its own batch stream."""
     if which == "latest":
         runs_dir = Path(loader.load(args).train.runs_dir)
         found = latest_run(runs_dir, "artifacts/checkpoints/last.safetensors")
@@ -373,6 +405,16 @@ def resolve_resume(
             raise UserError(f"cannot resume {run.root}: no such run folder")
     checkpoint = find_checkpoint(run.checkpoints, "last")
     meta = checkpoint_meta(checkpoint)
+    saved_world_size = meta.get("world_size", 1)
+    if saved_world_size != world_size:
+        command = (f"python train.py --resume {run.root}" if saved_world_size == 1 else
+                   f"{saved_world_size} processes in all, e.g. torchrun --standalone "
+                   f"--nproc_per_node={saved_world_size} train.py --resume {run.root}")
+        raise UserError(
+            f"run {run.run_id} was trained by {saved_world_size} process(es) but this resume has "
+            f"{world_size}; each process continues its own batch stream, so resume it with "
+            f"{command}"
+        )
     config = loader.load_for_resume({"model": meta["model_config"],
                                      "train": meta["train_config"]}, args)
     if meta["step"] >= config.train.max_iters:

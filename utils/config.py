@@ -46,9 +46,10 @@ class TrainConfig:
     train_split: float = field(
         default=0.9, metadata=_help("fraction of the text used for training; the rest validates")
     )
-    batch_size: int = field(default=64, metadata=_help("sequences per micro-batch"))
+    batch_size: int = field(default=64, metadata=_help("sequences per micro-batch, per process"))
     grad_accum_steps: int = field(
-        default=1, metadata=_help("micro-batches whose gradients are summed per optimizer step")
+        default=1, metadata=_help("micro-batches per optimizer step, per process "
+                                   "(the global batch is batch_size x this x processes)")
     )
     max_iters: int = field(default=5000, metadata=_help("optimizer steps to train for"))
     learning_rate: float = field(default=1e-3, metadata=_help("peak learning rate"))
@@ -168,6 +169,11 @@ class TrainConfig:
                 "run_tag may hold letters, digits, '.', '_' and '-' and must start with a "
                 "letter or digit", "run_tag",
             )
+
+    def global_batch_size(self, world_size: int) -> int:
+        """Sequences per optimizer step over all processes: batch_size and grad_accum_steps
+        are per process, so torchrun with N processes takes N times as many."""
+        return self.batch_size * self.grad_accum_steps * world_size
 
     @property
     def decay_end_step(self) -> int:

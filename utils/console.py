@@ -1,24 +1,58 @@
-"""Human-facing output on stderr that stays readable around an active tqdm progress bar."""
+"""Human-facing output on stderr that stays readable around an active tqdm progress bar, and
+run_main, which turns a script's user-facing errors into one line and an exit code.
+
+Under torchrun only rank 0 speaks, so a message appears once, not once per process; errors
+are shown by the first process of each node, as every process there meets the same ones.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
+from utils.distributed import current_launch, is_peer_failure
+from utils.errors import TrainingFailure, UserError
+
+USER_ERROR_EXIT_CODE = 2
+TRAINING_FAILURE_EXIT_CODE = 1
+
 
 def info(message: str) -> None:
-    _write(message)
+    if current_launch().is_main:
+        _write(message)
 
 
 def warn(message: str) -> None:
-    _write(f"warning: {message}")
+    if current_launch().is_main:
+        _write(f"warning: {message}")
 
 
 def error(message: str) -> None:
-    _write(f"error: {message}")
+    if current_launch().local_rank == 0:
+        _write(f"error: {message}")
 
 
 def _write(line: str) -> None:
     # tqdm.write clears and redraws any live bar, so messages never tear it
     tqdm.write(line, file=sys.stderr)
+
+
+def run_main(body: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
+    """Run a script's body; a UserError becomes one line on stderr and exit code 2, a
+    TrainingFailure one line and exit code 1. Anything else is a bug and keeps its traceback."""
+    try:
+        return body(argv)
+    except UserError as failure:
+        error(str(failure))
+        return USER_ERROR_EXIT_CODE
+    except TrainingFailure as failure:
+        error(str(failure))
+        return TRAINING_FAILURE_EXIT_CODE
+    except RuntimeError as failure:
+        if not (current_launch().by_torchrun and is_peer_failure(failure)):
+            raise
+        error(f"rank {current_launch().rank} stopped: another training process quit (see its "
+              "error above, or torchrun's summary below)")
+        return TRAINING_FAILURE_EXIT_CODE

@@ -38,6 +38,11 @@ class GracefulStop:
         console.warn(f"{signal.Signals(number).name} received: stopping after this step "
                      "(send it again to quit at once)")
 
+    def adopt(self, number: int) -> None:
+        """Stop as if signal `number` had arrived here: another training process received it."""
+        if self.signal_number is None:
+            self.signal_number = number
+
     @property
     def requested(self) -> bool:
         return self.signal_number is not None

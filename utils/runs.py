@@ -90,13 +90,15 @@ def write_metadata(
 
 
 def command_line(
-    script: str, argv: Sequence[str], environ: Mapping[str, str] | None = None
+    script: str, argv: Sequence[str], environ: Mapping[str, str] | None = None,
+    launcher: Sequence[str] = ("python",),
 ) -> str:
-    """A shell line that repeats this invocation, config environment variables included."""
+    """A shell line that repeats this invocation, config environment variables included;
+    launcher is how the script was started (python, or torchrun and its process counts)."""
     environ = os.environ if environ is None else environ
     assignments = [f"{k}={shlex.quote(v)}" for k, v in sorted(environ.items())
                    if k.startswith(ENV_PREFIX)]
-    return " ".join([*assignments, shlex.join(["python", script, *argv])])
+    return " ".join([*assignments, shlex.join([*launcher, script, *argv])])
 
 
 def git_state(repo: Path) -> str:

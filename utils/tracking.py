@@ -21,6 +21,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
+from utils import distributed
 from utils.config import PROJECT_ROOT, Config
 from utils.errors import UserError
 from utils.runs import RunPaths
@@ -82,7 +83,10 @@ class Tracker:
              resume_step: int | None = None) -> Tracker:
         """TensorBoard in the run folder, plus Aim if config.train.aim_logging.
 
-        With resume_step, both continue the run's existing logs from that step on."""
+        With resume_step, both continue the run's existing logs from that step on. Under
+        torchrun only rank 0 logs: the other ranks get a tracker without backends."""
+        if not distributed.is_main_process():
+            return cls([])
         backends: list[Backend] = [TensorBoardBackend(run.tensorboard, resume_step)]
         if config.train.aim_logging:
             backends.append(AimBackend(run, aim_repo_path(config), resume_step is not None))
@@ -117,8 +121,11 @@ class Tracker:
 
 
 def flat_hparams(config: Config) -> dict[str, Any]:
-    """The config as one flat mapping of scalars; None becomes the string 'none'."""
+    """The config as one flat mapping of scalars (None becomes the string 'none'), with the
+    number of processes and the global batch they make together."""
     flat = {**config.to_dict()["model"], **config.to_dict()["train"]}
+    flat["world_size"] = distributed.world_size()
+    flat["global_batch_size"] = config.train.global_batch_size(distributed.world_size())
     return {k: "none" if v is None else v for k, v in flat.items()}
 
 

@@ -1,0 +1,100 @@
+"""A few steps of train.py's own setup and train_step with batches the test controls, run by
+tests/test_distributed.py under torchrun (and, for the reference, in a single process).
+
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py MODE CORPUS OUT_DIR
+
+Every rank takes its rows of one global batch stream, so N ranks see exactly the batches one
+process would. MODE "equivalence" trains plainly; "nonfinite" makes rank 1's loss infinite at
+one step (its gradients stay finite), which every rank must skip. Each rank writes its weights
+to OUT_DIR/rank<r>.safetensors and the per-step is_finite flags to OUT_DIR/rank<r>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import train  # noqa: E402
+from data import BatchSampler  # noqa: E402
+from utils import distributed  # noqa: E402
+from utils.config import ConfigLoader  # noqa: E402
+
+GLOBAL_BATCH = 8
+STEPS = 6
+NONFINITE_STEP = 2
+BATCH_SEED = 7
+
+
+class RowsOfGlobalBatch:
+    """This rank's rows of a global batch that every rank draws from the same seed."""
+
+    def __init__(self, data: torch.Tensor, block_size: int, rank: int, world_size: int) -> None:
+        self.sampler = BatchSampler(data, block_size, GLOBAL_BATCH, BATCH_SEED)
+        per_rank = GLOBAL_BATCH // world_size
+        self.rows = slice(rank * per_rank, (rank + 1) * per_rank)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.sampler.next_batch()
+        return x[self.rows], y[self.rows]
+
+
+class InfiniteLossOnce(torch.nn.Module):
+    """The model, but on `rank` at step `at` its loss gains +inf, a constant without gradient:
+    only the loss says the step is bad, the gradients look fine."""
+
+    def __init__(self, model: torch.nn.Module, rank: int, at: int | None) -> None:
+        super().__init__()
+        self.model, self.rank, self.at, self.step = model, rank, at, 0
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, loss = self.model(x, y)
+        if self.step == self.at and distributed.rank() == self.rank:
+            loss = loss + float("inf")
+        return logits, loss
+
+
+def run(mode: str, corpus: Path, group: distributed.Group) -> tuple[torch.nn.Module, list[bool]]:
+    """Train STEPS steps as this process's rank; returns the plain model and is_finite flags."""
+    world_size = distributed.world_size()
+    loader = ConfigLoader()
+    args = train.build_parser(loader).parse_args([
+        "--data-path", str(corpus), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+        "--block-size", "16", "--dropout", "0", "--batch-size", str(GLOBAL_BATCH // world_size),
+        "--device", "cpu", "--warmup-iters", "2",
+    ])
+    config, _, splits = train.prepare(loader.load(args))
+    precision = (torch.device("cpu"), torch.float32)
+    state = train.init_state(config, splits, *precision)
+    state.batches = RowsOfGlobalBatch(splits.train, config.model.block_size, distributed.rank(),
+                                      world_size)
+    faulty = InfiniteLossOnce(state.model, rank=1, at=NONFINITE_STEP if mode == "nonfinite"
+                              else None)
+    step_model = group.wrap(faulty, precision[0])  # copies rank 0's weights to all
+    flags = []
+    for step in range(STEPS):
+        faulty.step = step
+        result = train.train_step(step_model, state.optimizer, state.batches, config.train,
+                                  precision, state.scaler)
+        state.scheduler.step()
+        flags.append(bool(result.is_finite))
+    return state.model, flags
+
+
+def main() -> None:
+    mode, corpus, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    launch = distributed.current_launch()
+    with distributed.process_group(launch, torch.device("cpu")) as group:
+        model, flags = run(mode, corpus, group)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(out / f"rank{launch.rank}.safetensors"))
+    (out / f"rank{launch.rank}.json").write_text(json.dumps(flags))
+
+
+if __name__ == "__main__":
+    main()

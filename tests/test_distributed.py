@@ -1,0 +1,175 @@
+"""Distributed training under torchrun: 2 CPU processes with gloo, tiny models.
+
+The launches go through `python -m torch.distributed.run`, which is what the torchrun command
+runs, with the interpreter running the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests import ddp_worker
+from tests.conftest import PROJECT_ROOT
+from utils import distributed
+from utils.checkpoint import load_export, read_checkpoint
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+        "--batch-size", "8", "--dropout", "0.1", "--eval-iters", "4", "--sample-tokens", "20",
+        "--device", "cpu", "--log-interval", "10", "--eval-interval", "20",
+        "--checkpoint-interval", "20", "--learning-rate", "3e-3", "--warmup-iters", "5"]
+
+
+def torchrun_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            *args]
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("CHARGPT_") and k not in distributed.TORCHRUN_VARIABLES}
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_command(*args), cwd=PROJECT_ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def train_with_torchrun(runs: Path, corpus: Path, *extra: str) -> subprocess.CompletedProcess:
+    result = torchrun("train.py", *TINY, "--data-path", str(corpus), "--runs-dir", str(runs),
+                      *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def only_run(runs: Path) -> Path:
+    folders = list(runs.iterdir())
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+def test_two_processes_make_one_run_that_learns(tmp_path: Path, corpus_file: Path) -> None:
+    result = train_with_torchrun(tmp_path / "runs", corpus_file, "--max-iters", "60")
+    run = only_run(tmp_path / "runs")
+    # rank 0 alone speaks: the start line and the final report appear once
+    assert result.stderr.count("2 process(es); global batch 16 sequences (8 x 1 accumulation x 2)"
+                               " = 512 tokens per step") == 1
+    assert result.stdout.count("run folder:") == 1
+    assert (run / "meta" / "command.txt").read_text().startswith(
+        "torchrun --standalone --nproc_per_node=2 train.py")
+    events = list((run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    scalars = EventAccumulator(str(events[0])).Reload()
+    val = [e.value for e in scalars.Scalars("val/loss")]
+    assert [e.step for e in scalars.Scalars("val/loss")] == [20, 40, 60]
+    assert val[-1] < val[0] - 0.3
+    model, tokenizer = load_export(run / "artifacts" / "export")
+    assert not any(name.startswith("module.") for name in model.state_dict())
+    assert model.config.n_embd == 32 and tokenizer.vocab_size > 10
+    # the checkpoint keeps each rank's own batch stream, and they differ
+    tensors, meta = read_checkpoint(run / "artifacts" / "checkpoints" / "last.safetensors")
+    assert meta["world_size"] == 2
+    assert not torch.equal(tensors["sampler.generator"], tensors["rank1.sampler.generator"])
+
+
+def test_stopped_and_resumed_under_torchrun_matches_an_uninterrupted_run(
+        tmp_path: Path, corpus_file: Path) -> None:
+    train_with_torchrun(tmp_path / "whole", corpus_file, "--max-iters", "200")
+    runs = tmp_path / "parts"
+    launcher = subprocess.Popen(
+        torchrun_command("train.py", *TINY, "--data-path", str(corpus_file), "--runs-dir",
+                         str(runs), "--max-iters", "200"),
+        cwd=PROJECT_ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    deadline = time.monotonic() + 120
+    while not list(runs.glob("*/artifacts/checkpoints/step_20.safetensors")):
+        assert time.monotonic() < deadline and launcher.poll() is None, "no checkpoint appeared"
+        time.sleep(0.02)
+    launcher.send_signal(signal.SIGTERM)  # torchrun passes it on to every process
+    _, stderr = launcher.communicate(timeout=120)
+    assert "training ended at step" in stderr and "stopped by SIGTERM" in stderr, stderr[-3000:]
+    resumed = only_run(runs)
+    stopped_at = read_checkpoint(resumed / "artifacts/checkpoints/last.safetensors")[1]["step"]
+    assert 20 <= stopped_at < 200
+    result = torchrun("train.py", "--resume", str(resumed))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming {resumed.name} at step {stopped_at}" in result.stderr
+    whole = load_file(str(only_run(tmp_path / "whole") / "artifacts/export/model.safetensors"))
+    parts = load_file(str(resumed / "artifacts/export/model.safetensors"))
+    for name, tensor in whole.items():  # dropout on: every rank's RNG must be restored
+        assert torch.equal(tensor, parts[name]), name
+
+
+def test_resume_with_another_number_of_processes_is_refused(tmp_path: Path,
+                                                           corpus_file: Path) -> None:
+    train_with_torchrun(tmp_path / "runs", corpus_file, "--max-iters", "20")
+    run = only_run(tmp_path / "runs")
+    before = sorted(p.name for p in run.rglob("*"))
+    result = subprocess.run([sys.executable, "train.py", "--resume", str(run), "--max-iters",
+                             "40"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: run {run.name} was trained by 2 process(es) but this resume has 1; each "
+        "process continues its own batch stream, so resume it with 2 processes in all, e.g. "
+        f"torchrun --standalone --nproc_per_node=2 train.py --resume {run}")
+    assert sorted(p.name for p in run.rglob("*")) == before
+
+
+def test_a_bad_config_under_torchrun_is_reported_once(tmp_path: Path) -> None:
+    result = torchrun("train.py", "--batch-size", "0", "--runs-dir", str(tmp_path / "runs"))
+    assert result.returncode != 0
+    assert result.stderr.count("error: batch_size must be at least 1") == 1
+    assert "Traceback (most recent call last):\n  File \"" + str(PROJECT_ROOT) not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """One process training on the whole global batch, and the corpus it used."""
+    folder = tmp_path_factory.mktemp("reference")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("".join(f"ROMEO.\nBut soft, what light {i % 11} through yonder window "
+                              "breaks?\n" for i in range(600)), encoding="utf-8")
+    model, flags = ddp_worker.run("equivalence", corpus, distributed.Group())
+    assert all(flags)
+    return corpus, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def worker(mode: str, corpus: Path, out: Path) -> list[tuple[dict[str, torch.Tensor], list]]:
+    out.mkdir()
+    result = torchrun(str(Path("tests") / "ddp_worker.py"), mode, str(corpus), str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [(load_file(str(out / f"rank{r}.safetensors")),
+             json.loads((out / f"rank{r}.json").read_text())) for r in range(2)]
+
+
+def test_two_ranks_with_half_batches_match_one_process_with_the_whole(
+        tmp_path: Path, reference: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    corpus, single = reference
+    ranks = worker("equivalence", corpus, tmp_path / "out")
+    for weights, flags in ranks:
+        assert all(flags)
+        for name, tensor in single.items():
+            torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-6)
+    changed = [n for n, t in ranks[0][0].items() if not torch.equal(t, ranks[1][0][n])]
+    assert not changed, f"replicas diverged in {changed}"
+
+
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(
+        tmp_path: Path, reference: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    corpus, _ = reference
+    ranks = worker("nonfinite", corpus, tmp_path / "out")
+    expected = [step != ddp_worker.NONFINITE_STEP for step in range(ddp_worker.STEPS)]
+    assert [flags for _, flags in ranks] == [expected, expected]
+    (rank0, _), (rank1, _) = ranks
+    for name, tensor in rank0.items():
+        assert torch.equal(tensor, rank1[name]), f"replicas diverged in {name}"
