@@ -5,7 +5,8 @@ tests/test_distributed.py under torchrun (and, for the reference, in a single pr
 
 Every rank takes its rows of one global batch stream, so N ranks see exactly the batches one
 process would. MODE "equivalence" trains plainly; "nonfinite" makes rank 1's loss infinite at
-one step (its gradients stay finite), which every rank must skip. Each rank writes its weights
+one step (its gradients stay finite), which every rank must skip; "main_fails" fails on rank 0
+alone, in work only rank 0 does, as a full disk would. Each rank writes its weights
 to OUT_DIR/rank<r>.safetensors and the per-step is_finite flags to OUT_DIR/rank<r>.json.
 """
 
@@ -22,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train  # noqa: E402
 from data import BatchSampler  # noqa: E402
-from utils import distributed  # noqa: E402
+from utils import console, distributed  # noqa: E402
 from utils.config import ConfigLoader  # noqa: E402
+from utils.errors import TrainingFailure  # noqa: E402
 
 GLOBAL_BATCH = 8
 STEPS = 6
@@ -86,15 +88,22 @@ def run(mode: str, corpus: Path, group: distributed.Group) -> tuple[torch.nn.Mod
     return state.model, flags
 
 
-def main() -> None:
-    mode, corpus, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+def fail_on_main() -> None:
+    raise TrainingFailure("cannot write checkpoint: No space left on device")
+
+
+def main(argv: list[str]) -> int:
+    mode, corpus, out = argv[0], Path(argv[1]), Path(argv[2])
     launch = distributed.current_launch()
     with distributed.process_group(launch, torch.device("cpu")) as group:
+        if mode == "main_fails":
+            distributed.on_main(fail_on_main)
         model, flags = run(mode, corpus, group)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               str(out / f"rank{launch.rank}.safetensors"))
     (out / f"rank{launch.rank}.json").write_text(json.dumps(flags))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(console.run_main(main, sys.argv[1:]))

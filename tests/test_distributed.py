@@ -22,6 +22,7 @@ from tests import ddp_worker
 from tests.conftest import PROJECT_ROOT
 from utils import distributed
 from utils.checkpoint import load_export, read_checkpoint
+from utils.errors import UserError
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
         "--batch-size", "8", "--dropout", "0.1", "--eval-iters", "4", "--sample-tokens", "20",
@@ -145,7 +146,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 
 
 def worker(mode: str, corpus: Path, out: Path) -> list[tuple[dict[str, torch.Tensor], list]]:
-    out.mkdir()
+    out.mkdir(exist_ok=True)
     result = torchrun(str(Path("tests") / "ddp_worker.py"), mode, str(corpus), str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     return [(load_file(str(out / f"rank{r}.safetensors")),
@@ -173,3 +174,57 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(
     (rank0, _), (rank1, _) = ranks
     for name, tensor in rank0.items():
         assert torch.equal(tensor, rank1[name]), f"replicas diverged in {name}"
+
+
+def test_a_failure_on_rank_0_ends_every_rank_with_the_error_shown_once(tmp_path: Path) -> None:
+    result = torchrun(str(Path("tests") / "ddp_worker.py"), "main_fails", "unused", str(tmp_path))
+    assert result.returncode != 0
+    assert result.stderr.count("error: cannot write checkpoint: No space left on device") == 1
+    assert "exitcode  : 1" in result.stderr  # torchrun's summary names the failed rank
+    assert "[rank" not in result.stderr  # no traceback from any rank
+
+
+def test_launch_comes_from_torchrun_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    def launch_with(**env: str) -> distributed.Launch:
+        for name in distributed.TORCHRUN_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        distributed.current_launch.cache_clear()
+        try:
+            return distributed.current_launch()
+        finally:
+            distributed.current_launch.cache_clear()
+
+    assert launch_with() == distributed.Launch()
+    assert launch_with().launcher() == ["python"]
+    four = launch_with(RANK="5", LOCAL_RANK="1", WORLD_SIZE="8", LOCAL_WORLD_SIZE="4")
+    assert (four.rank, four.local_rank, four.is_main, four.by_torchrun) == (5, 1, False, True)
+    assert four.launcher() == ["torchrun", "--nnodes=2", "...", "--nproc_per_node=4"]
+    with pytest.raises(UserError, match="RANK set but LOCAL_RANK, LOCAL_WORLD_SIZE, WORLD_SIZE "
+                                        "missing: start distributed training with torchrun"):
+        launch_with(RANK="0")
+    with pytest.raises(UserError, match="torchrun variables must be integers"):
+        launch_with(RANK="x", LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+
+
+def test_cpu_threads_are_shared_among_a_nodes_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    node_of_4 = distributed.Launch(rank=1, local_rank=1, world_size=4, local_world_size=4,
+                                   by_torchrun=True)
+    assert distributed.threads_per_process(node_of_4) == 4
+    assert distributed.threads_per_process(distributed.Launch()) is None  # torch's default
+    crowded = distributed.Launch(world_size=32, local_world_size=32, by_torchrun=True)
+    assert distributed.threads_per_process(crowded) == 1
+
+
+def test_single_process_helpers_pass_values_through() -> None:
+    value = torch.tensor([1.0, float("nan")])
+    assert distributed.mean_over_ranks(value) is value
+    assert distributed.max_over_ranks(3, torch.device("cpu")) == 3
+    assert distributed.gather_to_main("state") == ["state"]
+    assert distributed.on_main(lambda: 7) == 7
+    model = torch.nn.Linear(2, 2)
+    assert distributed.Group().wrap(model, torch.device("cpu")) is model
+    with pytest.raises(UserError, match="disk"):
+        distributed.on_main(lambda: (_ for _ in ()).throw(UserError("disk")))
