@@ -2,12 +2,14 @@
 run_main, which turns a script's user-facing errors into one line and an exit code.
 
 Under torchrun only rank 0 speaks, so a message appears once, not once per process; errors
-are shown by the first process of each node, as every process there meets the same ones.
+are shown by the first process of each node (local rank 0), as every process there meets the
+same ones.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
@@ -17,6 +19,9 @@ from utils.errors import TrainingFailure, UserError
 
 USER_ERROR_EXIT_CODE = 2
 TRAINING_FAILURE_EXIT_CODE = 1
+# how long a process other than local rank 0 holds back its error: if local rank 0 meets the
+# same one, it shows it and torchrun ends this process before the wait is over
+PEER_ERROR_GRACE_S = 5.0
 
 
 def info(message: str) -> None:
@@ -27,11 +32,6 @@ def info(message: str) -> None:
 def warn(message: str) -> None:
     if current_launch().is_main:
         _write(f"warning: {message}")
-
-
-def error(message: str) -> None:
-    if current_launch().local_rank == 0:
-        _write(f"error: {message}")
 
 
 def _write(line: str) -> None:
@@ -45,14 +45,26 @@ def run_main(body: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
     try:
         return body(argv)
     except UserError as failure:
-        error(str(failure))
+        _report_failure(str(failure))
         return USER_ERROR_EXIT_CODE
     except TrainingFailure as failure:
-        error(str(failure))
+        _report_failure(str(failure))
         return TRAINING_FAILURE_EXIT_CODE
     except RuntimeError as failure:
         if not (current_launch().by_torchrun and is_peer_failure(failure)):
             raise
-        error(f"rank {current_launch().rank} stopped: another training process quit (see its "
-              "error above, or torchrun's summary below)")
+        _report_failure("another training process quit (its error is above, or in torchrun's "
+                        "summary below)")
         return TRAINING_FAILURE_EXIT_CODE
+
+
+def _report_failure(message: str) -> None:
+    """Local rank 0 shows the error at once. Any other process first gives local rank 0 the
+    time to fail the same way (torchrun then ends it), and shows the error, with its rank, only
+    if it is still running: then the error was its own."""
+    launch = current_launch()
+    if launch.local_rank == 0:
+        _write(f"error: {message}")
+        return
+    time.sleep(PEER_ERROR_GRACE_S)
+    _write(f"error: rank {launch.rank}: {message}")

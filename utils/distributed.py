@@ -99,7 +99,9 @@ def device_for_rank(device: torch.device, launch: Launch) -> torch.device:
     if device.index is not None and launch.local_world_size > 1:
         raise UserError(f"device={device} under torchrun: each process uses "
                         "cuda:<LOCAL_RANK>; pass --device cuda (or auto)")
-    if launch.local_rank >= torch.cuda.device_count():
+    # checked against the node's process count, not this rank, so every process on the node
+    # (its local rank 0 among them, which shows errors) refuses alike
+    if launch.local_world_size > torch.cuda.device_count():
         raise UserError(
             f"torchrun started {launch.local_world_size} processes on this node but it has "
             f"{torch.cuda.device_count()} CUDA device(s); use --nproc_per_node="
