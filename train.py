@@ -260,42 +260,56 @@ def train(argv: Sequence[str]) -> int:
         command = command_line("train.py", argv, launcher=launch.launcher())
         run, metadata = distributed.on_main(
             lambda: open_run(run, config, command, resumed_at_step))
-        global_batch = cfg.global_batch_size(launch.world_size)
-        console.info(
-            f"{'resuming' if checkpoint else 'run'} {run.run_id} at step {state.step}: "
-            f"{state.model.num_parameters() / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, "
-            f"device {device}, dtype {str(precision[1])[6:]}, {launch.world_size} process(es); "
-            f"global batch {global_batch} sequences ({cfg.batch_size} x {cfg.grad_accum_steps} "
-            f"accumulation x {launch.world_size}) = {global_batch * config.model.block_size} "
-            "tokens per step"
-        )
+        console.info(f"{'resuming' if checkpoint else 'run'} {run.run_id} at step {state.step}: "
+                     + describe(state, config, tokenizer, precision))
         tracker = Tracker.open(run, config, metadata, resume_step=resumed_at_step)
-        try:
-            with GracefulStop() as stop:
-                end = training_loop(state, splits, config, precision, tracker, run, tokenizer,
-                                    stop)
-                console.info(f"training ended at step {state.step}: {end}")
-                tracker.log_text("end_reason", end, state.step)
-                if state.last_saved_step != state.step:
-                    write_checkpoints(run, state, config, tokenizer,
-                                      [f"step_{state.step}", "last"])
-                distributed.on_main(lambda: save_export(run.export, state.model, tokenizer))
-            tracker.log_summary(flat_hparams(config), {
-                "hparams/final_val_loss": state.last_losses.get("val", math.nan),
-                "hparams/best_val_loss": state.best_val_loss,
-            })
-        except KeyboardInterrupt:
-            console.warn(f"interrupted again: quitting at once; resume from the last checkpoint "
-                         f"with python train.py --resume {run.root}")
-            return INTERRUPTED_EXIT_CODE
-        finally:
-            tracker.close()
-        distributed.on_main(lambda: report(run, state, tokenizer, cfg, device))
+        return train_and_export(state, splits, config, precision, tracker, run, tokenizer)
+
+
+def train_and_export(
+    state: TrainingState, splits: Splits, config: Config,
+    precision: tuple[torch.device, torch.dtype], tracker: Tracker, run: RunPaths,
+    tokenizer: CharTokenizer,
+) -> int:
+    """The training loop, then the final checkpoint, export and report; the exit code."""
+    launcher = shlex.join(distributed.current_launch().launcher())
+    resume_command = f"{launcher} train.py --resume {run.root}"
+    try:
+        with GracefulStop() as stop:
+            end = training_loop(state, splits, config, precision, tracker, run, tokenizer, stop)
+            console.info(f"training ended at step {state.step}: {end}")
+            tracker.log_text("end_reason", end, state.step)
+            if state.last_saved_step != state.step:
+                write_checkpoints(run, state, config, tokenizer, [f"step_{state.step}", "last"])
+            distributed.on_main(lambda: save_export(run.export, state.model, tokenizer))
+        tracker.log_summary(flat_hparams(config), {
+            "hparams/final_val_loss": state.last_losses.get("val", math.nan),
+            "hparams/best_val_loss": state.best_val_loss,
+        })
+    except KeyboardInterrupt:
+        console.warn("interrupted again: quitting at once; resume from the last checkpoint "
+                     f"with {resume_command}")
+        return INTERRUPTED_EXIT_CODE
+    finally:
+        tracker.close()
+    distributed.on_main(lambda: report(run, state, tokenizer, config.train, precision[0]))
     if stop.requested:
         console.warn(f"stopped by {stop.name} at step {state.step}; resume with "
-                     f"{shlex.join(launch.launcher())} train.py --resume {run.root}")
+                     f"{resume_command}")
         return stop.exit_code
     return 0
+
+
+def describe(state: TrainingState, config: Config, tokenizer: CharTokenizer,
+             precision: tuple[torch.device, torch.dtype]) -> str:
+    """The model, device and global batch, for the line that starts a run."""
+    cfg, world_size = config.train, distributed.world_size()
+    global_batch = cfg.global_batch_size(world_size)
+    return (f"{state.model.num_parameters() / 1e6:.2f}M parameters, vocab "
+            f"{tokenizer.vocab_size}, device {precision[0]}, dtype {str(precision[1])[6:]}, "
+            f"{world_size} process(es); global batch {global_batch} sequences "
+            f"({cfg.batch_size} x {cfg.grad_accum_steps} accumulation x {world_size}) = "
+            f"{global_batch * config.model.block_size} tokens per step")
 
 
 def open_run(run: RunPaths | None, config: Config, command: str,

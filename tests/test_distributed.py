@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from tests import ddp_worker
 from tests.conftest import PROJECT_ROOT
@@ -70,6 +71,10 @@ def test_two_processes_make_one_run_that_learns(tmp_path: Path, corpus_file: Pat
     events = list((run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1
     scalars = EventAccumulator(str(events[0])).Reload()
+    hparams = HParamsPluginData.FromString(
+        scalars.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    values = hparams.session_start_info.hparams
+    assert (values["world_size"].number_value, values["global_batch_size"].number_value) == (2, 16)
     val = [e.value for e in scalars.Scalars("val/loss")]
     assert [e.step for e in scalars.Scalars("val/loss")] == [20, 40, 60]
     assert val[-1] < val[0] - 0.3
