@@ -46,8 +46,8 @@ from utils.device import (
     resolve_device,
     resolve_dtype,
 )
-from utils.errors import TrainingFailure
 from utils.interrupts import GracefulStop
+from utils.nonfinite import NonfiniteGuard
 from utils.runs import RunPaths, command_line, create_run, write_metadata
 from utils.tracking import Tracker, check_aim_available, flat_hparams
 
@@ -403,43 +403,6 @@ def stop_agreed(stop: GracefulStop, device: torch.device) -> bool:
     if signal_number:
         stop.adopt(signal_number)
     return bool(signal_number)
-
-
-class NonfiniteGuard:
-    """Counts skipped non-finite steps on the device and reads the counts only at log,
-    evaluation and checkpoint steps, so the loop never waits for the device in between.
-
-    Too many in a row end training at the next such step; the skipped steps left the weights
-    untouched, so nothing is lost by noticing late.
-    """
-
-    def __init__(self, state: TrainingState, device: torch.device) -> None:
-        self.since_check = torch.zeros((), dtype=torch.long, device=device)
-        self.in_a_row = torch.full((), state.nonfinite_in_a_row, dtype=torch.long, device=device)
-
-    def record(self, is_finite: torch.Tensor) -> None:
-        nonfinite = (~is_finite).long()
-        self.since_check += nonfinite
-        self.in_a_row = (self.in_a_row + 1) * nonfinite
-
-    def check(self, state: TrainingState, cfg: TrainConfig, tracker: Tracker,
-              run: RunPaths) -> None:
-        new = int(self.since_check)
-        self.since_check.zero_()
-        state.nonfinite_in_a_row = int(self.in_a_row)
-        if not new:
-            return
-        state.nonfinite_total += new
-        tracker.log({"nonfinite_steps": state.nonfinite_total}, state.step)
-        console.warn(f"step {state.step}: {new} step(s) with a non-finite loss or gradient "
-                     f"skipped since the last check ({state.nonfinite_in_a_row} in a row now, "
-                     f"{state.nonfinite_total} in all)")
-        if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-            raise TrainingFailure(
-                f"training stopped: {state.nonfinite_in_a_row} non-finite steps in a row at "
-                f"step {state.step}; the last good checkpoint is in {run.checkpoints}. Lower "
-                "--learning-rate or --grad-clip, or check the data"
-            )
 
 
 def write_checkpoints(run: RunPaths, state: TrainingState, config: Config,
