@@ -42,8 +42,14 @@ def clean_env() -> dict[str, str]:
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_command(*args), cwd=PROJECT_ROOT, env=clean_env(),
-                          capture_output=True, text=True, timeout=300)
+    for _ in range(2):
+        result = subprocess.run(torchrun_command(*args), cwd=PROJECT_ROOT, env=clean_env(),
+                                capture_output=True, text=True, timeout=300)
+        # --standalone picks a free port that another process may take before the workers
+        # bind it; that race is torchrun's, so a launch that lost it is tried once more
+        if "Address already in use" not in result.stderr:
+            break
+    return result
 
 
 def train_with_torchrun(runs: Path, corpus: Path, *extra: str) -> subprocess.CompletedProcess:
