@@ -4,10 +4,12 @@ tests/test_distributed.py under torchrun (and, for the reference, in a single pr
     torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py MODE CORPUS OUT_DIR
 
 Every rank takes its rows of one global batch stream, so N ranks see exactly the batches one
-process would. MODE "equivalence" trains plainly; "nonfinite" makes rank 1's loss infinite at
-one step (its gradients stay finite), which every rank must skip; "main_fails" fails on rank 0
-alone, in work only rank 0 does, as a full disk would. Each rank writes its weights
-to OUT_DIR/rank<r>.safetensors and the per-step is_finite flags to OUT_DIR/rank<r>.json.
+process would. MODE "equivalence" trains plainly; "accumulation" the same with every step's
+batch in two micro-batches (gradients synced on the second only); "nonfinite" makes rank 1's
+loss infinite at one step (its gradients stay finite), which every rank must skip; "main_fails"
+fails on rank 0 alone, in work only rank 0 does, as a full disk would. Each rank writes its
+weights to OUT_DIR/rank<r>.safetensors, and to OUT_DIR/rank<r>.json the per-step is_finite
+flags and how many gradient all-reduces DDP ran.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -61,14 +65,16 @@ class InfiniteLossOnce(torch.nn.Module):
         return logits, loss
 
 
-def run(mode: str, corpus: Path, group: distributed.Group) -> tuple[torch.nn.Module, list[bool]]:
-    """Train STEPS steps as this process's rank; returns the plain model and is_finite flags."""
+def run(mode: str, corpus: Path, group: distributed.Group) -> tuple[torch.nn.Module, dict]:
+    """Train STEPS steps as this process's rank; returns the plain model, the is_finite flags
+    and the number of gradient all-reduces."""
     world_size = distributed.world_size()
     loader = ConfigLoader()
     args = train.build_parser(loader).parse_args([
         "--data-path", str(corpus), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
         "--block-size", "16", "--dropout", "0", "--batch-size", str(GLOBAL_BATCH // world_size),
         "--device", "cpu", "--warmup-iters", "2",
+        "--grad-accum-steps", "2" if mode == "accumulation" else "1",
     ])
     config, _, splits = train.prepare(loader.load(args))
     precision = (torch.device("cpu"), torch.float32)
@@ -78,6 +84,13 @@ def run(mode: str, corpus: Path, group: distributed.Group) -> tuple[torch.nn.Mod
     faulty = InfiniteLossOnce(state.model, rank=1, at=NONFINITE_STEP if mode == "nonfinite"
                               else None)
     step_model = group.wrap(faulty, precision[0])  # copies rank 0's weights to all
+    allreduces = [0]
+    if isinstance(step_model, DistributedDataParallel):
+        def counting_allreduce(process_group, bucket):
+            allreduces[0] += 1
+            return allreduce_hook(process_group, bucket)
+
+        step_model.register_comm_hook(None, counting_allreduce)
     flags = []
     for step in range(STEPS):
         faulty.step = step
@@ -85,7 +98,7 @@ def run(mode: str, corpus: Path, group: distributed.Group) -> tuple[torch.nn.Mod
                                   precision, state.scaler)
         state.scheduler.step()
         flags.append(bool(result.is_finite))
-    return state.model, flags
+    return state.model, {"is_finite": flags, "allreduces": allreduces[0]}
 
 
 def fail_on_main() -> None:
@@ -98,10 +111,10 @@ def main(argv: list[str]) -> int:
     with distributed.process_group(launch, torch.device("cpu")) as group:
         if mode == "main_fails":
             distributed.on_main(fail_on_main)
-        model, flags = run(mode, corpus, group)
+        model, record = run(mode, corpus, group)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               str(out / f"rank{launch.rank}.safetensors"))
-    (out / f"rank{launch.rank}.json").write_text(json.dumps(flags))
+    (out / f"rank{launch.rank}.json").write_text(json.dumps(record))
     return 0
 
 
