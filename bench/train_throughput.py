@@ -1,12 +1,14 @@
 """Training throughput of each speed mode against a naive baseline, on the current device.
 
-First the matmul ceilings through each path torch offers here, then tokens/s, MFU and peak
+First the matmul ceilings through each path torch offers here and the attention kernels SDPA
+can use for each shape (forward + backward), then tokens/s, MFU and peak
 memory of train.py's own training step for the default config and the GPU preset's shape, in
 each mode: eager or torch.compile, float32 or bf16 autocast, fused or plain AdamW. The naive
 baseline (eager, float32, plain AdamW, default threads) is what a straightforward nanoGPT-style
 loop does. Each mode: warm-up steps, then the median of several timed windows.
 
 Usage: python bench/train_throughput.py [--device cpu] [--shapes default gpu] [--windows 3]
+       python bench/train_throughput.py --paths-only     # the matmul and attention tables alone
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torch.utils.mkldnn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -69,13 +73,17 @@ def matmul_ceilings(device: torch.device, size: int = 2048) -> dict[str, float]:
         linear = torch.utils.mkldnn.to_mkldnn(torch.nn.Linear(size, size, bias=False))
         a_mkldnn = a.to_mkldnn()
         paths["float32 oneDNN linear"] = lambda: linear(a_mkldnn)
+        paths["float32 torch.mm, oneDNN implicit bf16"] = lambda: a @ b
     if device.type == "cuda":
         paths["float32 torch.mm (TF32)"] = lambda: a @ b
     ceilings = {}
     for name, product in paths.items():
-        tf32 = "TF32" in name
         if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cuda.matmul.allow_tf32 = "TF32" in name
+        if device.type == "cpu":
+            # float32 products may run as bf16 inside oneDNN: the CPU's counterpart of TF32
+            torch.backends.mkldnn.matmul.fp32_precision = ("bf16" if "implicit bf16" in name
+                                                          else "ieee")
         product()
         synchronize(device)
         start, repeats = time.perf_counter(), 5 if device.type == "cpu" else 50
@@ -83,7 +91,45 @@ def matmul_ceilings(device: torch.device, size: int = 2048) -> dict[str, float]:
             product()
         synchronize(device)
         ceilings[name] = 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+    if device.type == "cpu":
+        torch.backends.mkldnn.matmul.fp32_precision = "ieee"  # what training uses
     return ceilings
+
+
+def attention_paths(shape: str, device: torch.device) -> dict[str, float]:
+    """Milliseconds for causal SDPA forward + backward at the shape's size, per kernel that
+    accepts it here, in float32 and bf16."""
+    config, batch_size, _ = SHAPES[shape]
+    head_dim = config.n_embd // config.n_head
+    backends = [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION]
+    if device.type == "cuda":
+        backends += [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = (torch.randn(batch_size, config.n_head, config.block_size, head_dim,
+                               device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        for backend in backends:
+            try:
+                for _ in range(3):  # warm-up: the first calls allocate and pick code paths
+                    _attention_step(q, k, v, backend)
+            except RuntimeError:  # this kernel does not take these inputs here
+                continue
+            synchronize(device)
+            repeats = 10 if device.type == "cpu" else 50
+            start = time.perf_counter()
+            for _ in range(repeats):
+                _attention_step(q, k, v, backend)
+            synchronize(device)
+            name = f"{str(dtype)[6:]} {backend.name.lower()}"
+            timings[name] = (time.perf_counter() - start) / repeats * 1e3
+    return timings
+
+
+def _attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    backend: SDPBackend) -> None:
+    with sdpa_kernel(backend):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out.sum().backward()
 
 
 def throughput(shape: str, mode: Mode, device: torch.device, windows: int) -> dict[str, float]:
@@ -124,6 +170,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument("--paths-only", action="store_true",
+                        help="print the matmul and attention tables, skip the training modes")
     args = parser.parse_args()
     device = torch.device(args.device)
     ceilings = matmul_ceilings(device)
@@ -133,6 +181,12 @@ def main() -> None:
     print("\n| matmul path (2048^3) | GFLOP/s |\n|---|---|")
     for name, gflops in ceilings.items():
         print(f"| {name} | {gflops:,.0f} |")
+    print("\n| shape | SDPA kernel (causal, forward + backward) | ms |\n|---|---|---|")
+    for shape in args.shapes:
+        for name, ms in attention_paths(shape, device).items():
+            print(f"| {shape} | {name} | {ms:.2f} |")
+    if args.paths_only:
+        return
     fp32_peak = max(v for k, v in ceilings.items() if k.startswith("float32"))
     bf16_peak = ceilings["bf16 torch.mm"]
     print("\n| shape | mode | tokens/s | vs naive | MFU vs fp32 ceiling | MFU vs bf16 ceiling "
