@@ -7,14 +7,17 @@ Every rank takes its rows of one global batch stream, so N ranks see exactly the
 process would. MODE "equivalence" trains plainly; "accumulation" the same with every step's
 batch in two micro-batches (gradients synced on the second only); "nonfinite" makes rank 1's
 loss infinite at one step (its gradients stay finite), which every rank must skip; "main_fails"
-fails on rank 0 alone, in work only rank 0 does, as a full disk would. Each rank writes its
-weights to OUT_DIR/rank<r>.safetensors, and to OUT_DIR/rank<r>.json the per-step is_finite
-flags and how many gradient all-reduces DDP ran.
+fails on rank 0 alone, in work only rank 0 does, as a full disk would; "rank1_killed" has rank
+1 killed (SIGKILL) while rank 0 waits in a collective. Each rank writes its weights to
+OUT_DIR/rank<r>.safetensors, and to OUT_DIR/rank<r>.json the per-step is_finite flags and how
+many gradient all-reduces DDP ran.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -111,6 +114,10 @@ def main(argv: list[str]) -> int:
     with distributed.process_group(launch, torch.device("cpu")) as group:
         if mode == "main_fails":
             distributed.on_main(fail_on_main)
+        if mode == "rank1_killed":
+            if launch.rank == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            distributed.max_over_ranks(0, torch.device("cpu"))  # rank 0 waits for rank 1
         model, record = run(mode, corpus, group)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               str(out / f"rank{launch.rank}.safetensors"))

@@ -31,9 +31,9 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32
         "--checkpoint-interval", "20", "--learning-rate", "3e-3", "--warmup-iters", "5"]
 
 
-def torchrun_command(*args: str) -> list[str]:
+def torchrun_command(*args: str, launcher_flags: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            *args]
+            *launcher_flags, *args]
 
 
 def clean_env() -> dict[str, str]:
@@ -41,9 +41,10 @@ def clean_env() -> dict[str, str]:
             if not k.startswith("CHARGPT_") and k not in distributed.TORCHRUN_VARIABLES}
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
+def torchrun(*args: str, launcher_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     for _ in range(2):
-        result = subprocess.run(torchrun_command(*args), cwd=PROJECT_ROOT, env=clean_env(),
+        result = subprocess.run(torchrun_command(*args, launcher_flags=launcher_flags),
+                                cwd=PROJECT_ROOT, env=clean_env(),
                                 capture_output=True, text=True, timeout=300)
         # --standalone picks a free port that another process may take before the workers
         # bind it; that race is torchrun's, so a launch that lost it is tried once more
@@ -194,6 +195,17 @@ def test_a_failure_on_rank_0_ends_every_rank_with_the_error_shown_once(tmp_path:
     assert result.stderr.count("error: cannot write checkpoint: No space left on device") == 1
     assert "exitcode  : 1" in result.stderr  # torchrun's summary names the failed rank
     assert "[rank" not in result.stderr  # no traceback from any rank
+
+
+def test_a_killed_rank_ends_the_others_with_one_line(tmp_path: Path) -> None:
+    # torchrun checks its processes every 0.1 s and ends the rest once one has died; a slower
+    # check lets the survivor's own reaction show, which is what this test is about
+    result = torchrun(str(Path("tests") / "ddp_worker.py"), "rank1_killed", "unused",
+                      str(tmp_path), launcher_flags=("--monitor-interval=3",))
+    assert result.returncode != 0
+    assert result.stderr.count("error: another training process quit") == 1
+    assert "[rank0]: Traceback" not in result.stderr
+    assert "Signal 9 (SIGKILL) received" in result.stderr  # torchrun names the root cause
 
 
 def test_launch_comes_from_torchrun_environment(monkeypatch: pytest.MonkeyPatch) -> None:
