@@ -14,14 +14,20 @@ from pathlib import Path
 
 import torch
 
-from model import LanguageModel, SamplingConfig
+from model import ConfigFieldError, LanguageModel, SamplingConfig
 from tokenizer import CharTokenizer, UnknownCharactersError
 from utils import console
-from utils.checkpoint import WEIGHTS_FILE, find_checkpoint, load_checkpoint_model, load_export
-from utils.config import ArgumentParser
+from utils.checkpoint import (
+    CHECKPOINT_SUFFIX,
+    WEIGHTS_FILE,
+    find_checkpoint,
+    load_checkpoint_model,
+    load_export,
+)
+from utils.config import DTYPES, ArgumentParser
 from utils.device import autocast, resolve_device, resolve_dtype
-from utils.errors import ConfigFieldError, UserError
-from utils.runs import RunPaths, latest_run
+from utils.errors import UserError
+from utils.runs import RunPaths, find_run
 
 SAMPLE_SEPARATOR = "\n---------------\n"
 
@@ -56,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     # one token at a time these models are bound by kernel launches, not arithmetic, so
     # autocast's extra casts only cost time (on an H100, 6x384: float32 580 tokens/s, bf16 242)
-    add("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16"),
+    add("--dtype", default="float32", choices=DTYPES,
         help="autocast precision (default: float32, the fastest for decoding small models)")
     add("--no-kv-cache", action="store_true",
         help="recompute the whole context every step (the slow reference path)")
@@ -138,18 +144,11 @@ def stream_samples(
 
 
 def resolve_run(run: str, runs_dir: Path, checkpoint: str | None) -> RunPaths:
-    if run == "latest":
-        needed = ("artifacts/checkpoints" if checkpoint else f"artifacts/export/{WEIGHTS_FILE}")
-        found = latest_run(runs_dir, needed)
-        if found is None:
-            raise UserError(f"no run with {'checkpoints' if checkpoint else 'an export'} in "
-                            f"{runs_dir}/; train one with python train.py, or pass --run "
-                            "runs/<id>")
-        return RunPaths(found)
-    root = Path(run)
-    if not root.is_dir():
-        raise UserError(f"run folder {root} does not exist; runs live in runs/<id>")
-    return RunPaths(root)
+    """The run to load: --run, or the newest run that has what --checkpoint asks for."""
+    if checkpoint:
+        return find_run(run, runs_dir, f"artifacts/checkpoints/{checkpoint}{CHECKPOINT_SUFFIX}",
+                        f"a checkpoint '{checkpoint}'")
+    return find_run(run, runs_dir, f"artifacts/export/{WEIGHTS_FILE}", "an export")
 
 
 def read_prompt(args: argparse.Namespace) -> str:

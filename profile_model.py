@@ -25,9 +25,10 @@ import train
 from utils import console
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigLoader
-from utils.device import measure_matmul_flops, resolve_device, resolve_dtype, synchronize
+from utils.device import measure_matmul_flops, synchronize
 from utils.errors import UserError
 from utils.runs import command_line, create_run, write_metadata
+from utils.setup import Setup, build_setup
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
@@ -58,23 +59,20 @@ def load_config(loader: ConfigLoader, args: argparse.Namespace):
     return loader.load_for_resume(values, args, only_resumable_changes=False)
 
 
-def profile_steps(args: argparse.Namespace, config, state, precision):
+def profile_steps(args: argparse.Namespace, setup: Setup, state):
     """Warm up, then profile args.steps steps; returns (profiler, wall seconds per step)."""
-    cfg = config.train
     for _ in range(args.warmup):
-        train.train_step(state.step_model, state.optimizer, state.batches, cfg, precision,
-                         state.scaler)
+        train.optimizer_step(state, setup)
     activities = [ProfilerActivity.CPU]
-    if precision[0].type == "cuda":
+    if setup.device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
-        torch.cuda.reset_peak_memory_stats(precision[0])
-    synchronize(precision[0])
+        torch.cuda.reset_peak_memory_stats(setup.device)
+    synchronize(setup.device)
     with profile(activities=activities, profile_memory=True, record_shapes=False) as profiler:
         start = time.perf_counter()
         for _ in range(args.steps):
-            train.train_step(state.step_model, state.optimizer, state.batches, cfg, precision,
-                             state.scaler)
-        synchronize(precision[0])
+            train.optimizer_step(state, setup)
+        synchronize(setup.device)
         step_s = (time.perf_counter() - start) / args.steps
     return profiler, step_s
 
@@ -122,40 +120,43 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
-def profile_model(argv: Sequence[str]) -> int:
-    loader = ConfigLoader()
-    args = build_parser(loader).parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        raise UserError("--steps must be at least 1 and --warmup at least 0")
-    config = load_config(loader, args)
-    cfg = config.train
-    device = resolve_device(cfg.device)
-    precision = (device, resolve_dtype(cfg.dtype, device))
-    config, _, splits = train.prepare(config)
+def output_folder(args: argparse.Namespace, setup: Setup, argv: Sequence[str]) -> Path:
+    """--out, or the profiled run's profile/ folder, or a new run folder's."""
     if args.out is not None:
         out = args.out
     elif args.run is not None:
         out = args.run / "profile"
     else:
+        cfg = setup.config.train
         run = create_run(Path(cfg.runs_dir), f"{cfg.run_tag}-profile")
-        write_metadata(run, config.to_dict(), command_line("profile_model.py", argv))
+        write_metadata(run, setup.config.to_dict(), command_line("profile_model.py", argv))
         out = run.root / "profile"
     out.mkdir(parents=True, exist_ok=True)
+    return out
 
-    state = train.init_state(config, splits, *precision)
-    profiler, step_s = profile_steps(args, config, state, precision)
+
+def profile_model(argv: Sequence[str]) -> int:
+    loader = ConfigLoader()
+    args = build_parser(loader).parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        raise UserError("--steps must be at least 1 and --warmup at least 0")
+    setup = build_setup(load_config(loader, args))
+    out = output_folder(args, setup, argv)
+    state = train.init_state(setup)
+    profiler, step_s = profile_steps(args, setup, state)
     phases, _ = phase_table(profiler, args.steps, step_s)
+    device = setup.device
     sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     operators = profiler.key_averages().table(sort_by=sort_key, row_limit=15)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * config.model.block_size
+    tokens_per_step = setup.tokens_per_step()
     flops_per_step = state.model.flops_per_token() * tokens_per_step
     achieved = flops_per_step / step_s
-    peak = measure_matmul_flops(device, precision[1])
+    peak = measure_matmul_flops(device, setup.dtype)
     summary = "\n".join([
         f"parameters: {state.model.num_parameters():,} (without position embeddings)",
         f"tokens per step: {tokens_per_step:,}; {tokens_per_step / step_s:,.0f} tokens/s",
         f"FLOPs per step: {flops_per_step / 1e9:.2f} GFLOP; achieved {achieved / 1e9:.1f} GFLOP/s",
-        f"MFU: {100 * achieved / peak:.1f}% of a measured {str(precision[1])[6:]} matmul "
+        f"MFU: {100 * achieved / peak:.1f}% of a measured {setup.dtype_name} matmul "
         f"ceiling of {peak / 1e9:.1f} GFLOP/s",
         f"peak memory: {peak_memory_mb(device):,.0f} MiB "
         f"({'CUDA allocated' if device.type == 'cuda' else 'process resident'})",

@@ -17,20 +17,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import KVCache, LanguageModel, ModelConfig, SamplingConfig  # noqa: E402
+from model import KVCache, LanguageModel, SamplingConfig  # noqa: E402
+from utils.device import synchronize  # noqa: E402
+from utils.setup import setup_from_flags  # noqa: E402
 
-VOCAB_SIZE = 73  # input.txt's character count
-SHAPES = {
-    "default": ModelConfig(vocab_size=VOCAB_SIZE, block_size=128, n_layer=4, n_head=4,
-                           n_embd=128, dropout=0.0),
-    "gpu": ModelConfig(vocab_size=VOCAB_SIZE, block_size=256, n_layer=6, n_head=6, n_embd=384,
-                       dropout=0.0),
-}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+PRESET = Path(__file__).resolve().parent.parent / "configs" / "presets" / "gpu.yaml"
+SHAPES = {"default": [], "gpu": ["--config", str(PRESET)]}  # train.py flags
 
 
 def decode_rate(model: LanguageModel, new_tokens: int, use_cache: bool,
@@ -74,7 +66,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[500, 2000])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     args = parser.parse_args()
-    device = torch.device(args.device)
+    setups = {name: setup_from_flags([*SHAPES[name], "--device", args.device])
+              for name in args.shapes}
+    device = next(iter(setups.values())).device
     print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
           f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| shape | new tokens | cached tok/s | uncached tok/s | speed-up | "
@@ -82,7 +76,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name in args.shapes:
         torch.manual_seed(0)
-        model = LanguageModel(SHAPES[name]).to(device).eval()
+        model = LanguageModel(setups[name].config.model).to(device).eval()
         forward_ms = single_token_forward_ms(model, device)
         for new_tokens in args.tokens:
             cached = decode_rate(model, new_tokens, True, device)

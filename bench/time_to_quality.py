@@ -21,30 +21,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train  # noqa: E402
-from utils.config import ConfigLoader  # noqa: E402
-from utils.device import (  # noqa: E402
-    autocast,
-    configure_backends,
-    resolve_device,
-    resolve_dtype,
-    synchronize,
-)
+from utils.device import synchronize  # noqa: E402
+from utils.setup import Setup, setup_from_flags  # noqa: E402
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "presets" / "gpu.yaml"
 
 
 @torch.no_grad()
-def full_split_loss(model, data: torch.Tensor, block_size: int, batch_size: int,
-                    precision) -> float:
-    """Mean next-character loss over all non-overlapping windows of the split."""
+def full_split_loss(model, setup: Setup, batch_size: int = 128) -> float:
+    """Mean next-character loss over all non-overlapping windows of the val split."""
+    data, block_size = setup.splits.val, setup.config.model.block_size
     model.eval()
     n_windows = (len(data) - 1) // block_size
     starts = torch.arange(n_windows) * block_size
     offsets = torch.arange(block_size + 1)
     total, count = 0.0, 0
     for batch_starts in starts.split(batch_size):
-        windows = data[batch_starts[:, None] + offsets].to(precision[0])
-        with autocast(*precision):
+        windows = data[batch_starts[:, None] + offsets].to(setup.device)
+        with setup.autocast():
             _, loss = model(windows[:, :-1], windows[:, 1:])
         total += loss.item() * len(batch_starts)
         count += len(batch_starts)
@@ -59,34 +53,27 @@ def main() -> None:
     parser.add_argument("--check-interval", type=int, default=250)
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
-    loader = ConfigLoader()
     flags = ["--config", str(PRESET), "--data-path", args.data_path]
     flags += ["--compile"] if args.compile else []
-    config = loader.load(loader.build_parser().parse_args(flags))
-    device = resolve_device(config.train.device)
-    configure_backends(device)
-    precision = (device, resolve_dtype(config.train.dtype, device))
-    config, _, splits = train.prepare(config)
-    state = train.init_state(config, splits, *precision)
-    cfg = config.train
+    setup = setup_from_flags(flags)
+    state = train.init_state(setup)
+    cfg, device = setup.config.train, setup.device
     name = torch.cuda.get_device_name() if device.type == "cuda" else str(device)
     print(f"# {time.strftime('%Y-%m-%d')}, {name}, torch {torch.__version__}, dtype "
-          f"{precision[1]}, compile {cfg.compile}; val split {len(splits.val):,} characters, "
-          f"target {args.target}")
+          f"{setup.dtype_name}, compile {cfg.compile}; val split {len(setup.splits.val):,} "
+          f"characters, target {args.target}")
     print("| step | training s | full val loss |\n|---|---|---|")
     trained_s = 0.0
     while state.step < cfg.max_iters:
         synchronize(device)
         start = time.perf_counter()
         for _ in range(args.check_interval):
-            train.train_step(state.step_model, state.optimizer, state.batches, cfg, precision,
-                             state.scaler)
+            train.optimizer_step(state, setup)
             state.scheduler.step()
             state.step += 1
         synchronize(device)
         trained_s += time.perf_counter() - start
-        val = full_split_loss(state.step_model, splits.val, config.model.block_size, 128,
-                              precision)
+        val = full_split_loss(state.step_model, setup)
         print(f"| {state.step} | {trained_s:.1f} | {val:.4f} |", flush=True)
         if val <= args.target:
             print(f"reached val loss {val:.4f} <= {args.target} at step {state.step} after "

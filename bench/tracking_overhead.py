@@ -8,7 +8,6 @@ Usage: python bench/tracking_overhead.py [--steps 100] [--repeats 2]
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import tempfile
@@ -20,25 +19,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train  # noqa: E402
-from utils.config import ConfigLoader  # noqa: E402
-from utils.device import resolve_device, resolve_dtype  # noqa: E402
 from utils.interrupts import GracefulStop  # noqa: E402
 from utils.runs import create_run  # noqa: E402
+from utils.setup import setup_from_flags  # noqa: E402
 from utils.tracking import AimBackend, TensorBoardBackend, Tracker  # noqa: E402
 
 MODES = ("none", "tensorboard", "tensorboard+aim")
 
 
 def tokens_per_second(mode: str, steps: int, workdir: Path) -> float:
-    loader = ConfigLoader()
-    config = loader.load(loader.build_parser().parse_args([]))
-    config = dataclasses.replace(config, train=dataclasses.replace(
-        config.train, max_iters=steps, eval_interval=steps, eval_iters=10, sample_tokens=100,
-        histogram_interval=50, checkpoint_interval=None, keep_checkpoints=0))
-    device = resolve_device(config.train.device)
-    precision = (device, resolve_dtype(config.train.dtype, device))
-    config, tokenizer, splits = train.prepare(config)
-    state = train.init_state(config, splits, *precision)
+    setup = setup_from_flags([
+        "--max-iters", str(steps), "--eval-interval", str(steps), "--eval-iters", "10",
+        "--sample-tokens", "100", "--histogram-interval", "50", "--checkpoint-interval", "none",
+        "--keep-checkpoints", "0"])
+    state = train.init_state(setup)
     run = create_run(workdir / "runs", mode.replace("+", "_"))
     backends = []
     if mode != "none":
@@ -47,13 +41,12 @@ def tokens_per_second(mode: str, steps: int, workdir: Path) -> float:
         backends.append(AimBackend(run, workdir, resuming=False))
     tracker = Tracker(backends)
     for backend in backends:
-        backend.start(config, {"command": "bench"})
+        backend.start(setup.config, {"command": "bench"})
     start = time.perf_counter()
-    train.training_loop(state, splits, config, precision, tracker, run, tokenizer, GracefulStop())
+    train.training_loop(state, setup, run, tracker, GracefulStop())
     tracker.close()
     elapsed = time.perf_counter() - start
-    tokens = steps * config.train.batch_size * config.model.block_size
-    return tokens / elapsed
+    return steps * setup.tokens_per_step() / elapsed
 
 
 def main() -> None:

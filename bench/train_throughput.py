@@ -30,17 +30,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train  # noqa: E402
-from data import BatchSampler  # noqa: E402
-from model import LanguageModel, ModelConfig  # noqa: E402
-from utils.config import TrainConfig  # noqa: E402
-from utils.device import configure_backends, synchronize  # noqa: E402
+from utils.device import synchronize  # noqa: E402
+from utils.setup import Setup, setup_from_flags  # noqa: E402
 
-VOCAB_SIZE = 73
-SHAPES = {  # (model, batch size, steps per timed window on CPU)
-    "default": (ModelConfig(vocab_size=VOCAB_SIZE, block_size=128, n_layer=4, n_head=4,
-                            n_embd=128, dropout=0.0), 32, 6),
-    "gpu": (ModelConfig(vocab_size=VOCAB_SIZE, block_size=256, n_layer=6, n_head=6, n_embd=384,
-                        dropout=0.2), 64, 2),
+PRESET = Path(__file__).resolve().parent.parent / "configs" / "presets" / "gpu.yaml"
+SHAPES = {  # (train.py flags, steps per timed window on CPU)
+    "default": ([], 6),
+    "gpu": (["--config", str(PRESET)], 2),
 }
 
 
@@ -96,10 +92,20 @@ def matmul_ceilings(device: torch.device, size: int = 2048) -> dict[str, float]:
     return ceilings
 
 
+def shape_setup(shape: str, device: torch.device, mode: Mode | None = None) -> Setup:
+    """The shape's config on this device, in the mode's dtype and compilation."""
+    flags = [*SHAPES[shape][0], "--device", str(device), "--seed", "0"]
+    if mode is not None:
+        flags += ["--dtype", str(mode.dtype).removeprefix("torch."),
+                  "--compile" if mode.use_compile else "--no-compile"]
+    return setup_from_flags(flags)
+
+
 def attention_paths(shape: str, device: torch.device) -> dict[str, float]:
     """Milliseconds for causal SDPA forward + backward at the shape's size, per kernel that
     accepts it here, in float32 and bf16."""
-    config, batch_size, _ = SHAPES[shape]
+    setup = shape_setup(shape, device)
+    config, batch_size = setup.config.model, setup.config.train.batch_size
     head_dim = config.n_embd // config.n_head
     backends = [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION]
     if device.type == "cuda":
@@ -133,18 +139,11 @@ def _attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def throughput(shape: str, mode: Mode, device: torch.device, windows: int) -> dict[str, float]:
-    model_config, batch_size, steps = SHAPES[shape]
-    if device.type == "cuda":
-        steps *= 10
-    torch.manual_seed(0)
-    model = LanguageModel(model_config).to(device)
-    cfg = TrainConfig(batch_size=batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=mode.fused)
-    step_model = torch.compile(model) if mode.use_compile else model
-    data = torch.randint(VOCAB_SIZE, (200_000,))
-    batches = BatchSampler(data, model_config.block_size, batch_size, seed=0, device=device)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    precision = (device, mode.dtype)
+    steps = SHAPES[shape][1] * (10 if device.type == "cuda" else 1)
+    setup = shape_setup(shape, device, mode)
+    state = train.init_state(setup)
+    if not mode.fused:
+        state.optimizer = torch.optim.AdamW(state.model.parameters(), lr=1e-3, fused=False)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -152,17 +151,17 @@ def throughput(shape: str, mode: Mode, device: torch.device, windows: int) -> di
         synchronize(device)
         start = time.perf_counter()
         for _ in range(n):
-            train.train_step(step_model, optimizer, batches, cfg, precision, scaler)
+            train.optimizer_step(state, setup)
         synchronize(device)
         return time.perf_counter() - start
 
     warmup_s = run(3)  # includes compilation for compiled modes
     seconds = statistics.median(run(steps) for _ in range(windows))
-    tokens_per_s = steps * batch_size * model_config.block_size / seconds
+    tokens_per_s = steps * setup.tokens_per_step() / seconds
     peak_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10)
     return {"tokens_per_s": tokens_per_s, "warmup_s": warmup_s, "peak_mb": peak_mb,
-            "flops_per_s": tokens_per_s * model.flops_per_token()}
+            "flops_per_s": tokens_per_s * state.model.flops_per_token()}
 
 
 def main() -> None:
@@ -175,7 +174,6 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     ceilings = matmul_ceilings(device)
-    configure_backends(device)
     print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, device "
           f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("\n| matmul path (2048^3) | GFLOP/s |\n|---|---|")

@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from data import BatchSampler, split_ids
 from model import LanguageModel, ModelConfig
+from tokenizer import CharTokenizer
+from utils.checkpoint import TrainingState
+from utils.config import Config, TrainConfig
+from utils.setup import Setup
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,3 +52,25 @@ def run_script(script: str, *args: str, cwd: Path | None = None, env: dict | Non
         [sys.executable, str(PROJECT_ROOT / script), *args], cwd=cwd or PROJECT_ROOT,
         env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def cpu_setup(model_config: ModelConfig, cfg: TrainConfig | None = None,
+              ids: torch.Tensor | None = None, tokenizer: CharTokenizer | None = None) -> Setup:
+    """A float32 CPU Setup for tests that drive the step or the evaluation themselves; without
+    ids, the splits are a repeating ramp of the model's vocabulary."""
+    vocab_size = model_config.vocab_size
+    tokenizer = tokenizer or CharTokenizer([chr(ord("!") + i) for i in range(vocab_size)])
+    if ids is None:
+        ids = torch.arange(32 * model_config.block_size) % vocab_size
+    cfg = cfg or TrainConfig()
+    splits = split_ids(ids, cfg.train_split, model_config.block_size)
+    return Setup(Config(model_config, cfg), tokenizer, splits, torch.device("cpu"), torch.float32)
+
+
+def state_for(model: LanguageModel, optimizer: torch.optim.Optimizer,
+              batches: BatchSampler) -> TrainingState:
+    """A TrainingState around a model and optimizer a test built itself (constant lr)."""
+    return TrainingState(
+        model=model, step_model=model, optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        scaler=torch.amp.GradScaler("cpu", enabled=False), batches=batches)

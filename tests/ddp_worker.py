@@ -1,4 +1,4 @@
-"""A few steps of train.py's own setup and train_step with batches the test controls, run by
+"""A few steps of train.py's own setup and optimizer_step with batches the test controls, run by
 tests/test_distributed.py under torchrun (and, for the reference, in a single process).
 
     torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py MODE CORPUS OUT_DIR
@@ -33,6 +33,7 @@ from data import BatchSampler  # noqa: E402
 from utils import console, distributed  # noqa: E402
 from utils.config import ConfigLoader  # noqa: E402
 from utils.errors import TrainingFailure  # noqa: E402
+from utils.setup import build_setup  # noqa: E402
 
 GLOBAL_BATCH = 8
 STEPS = 6
@@ -79,14 +80,14 @@ def run(mode: str, corpus: Path, group: distributed.Group) -> tuple[torch.nn.Mod
         "--device", "cpu", "--warmup-iters", "2",
         "--grad-accum-steps", "2" if mode == "accumulation" else "1",
     ])
-    config, _, splits = train.prepare(loader.load(args))
-    precision = (torch.device("cpu"), torch.float32)
-    state = train.init_state(config, splits, *precision)
-    state.batches = RowsOfGlobalBatch(splits.train, config.model.block_size, distributed.rank(),
-                                      world_size)
+    setup = build_setup(loader.load(args))
+    state = train.init_state(setup)
+    state.batches = RowsOfGlobalBatch(setup.splits.train, setup.config.model.block_size,
+                                      distributed.rank(), world_size)
     faulty = InfiniteLossOnce(state.model, rank=1, at=NONFINITE_STEP if mode == "nonfinite"
                               else None)
-    step_model = group.wrap(faulty, precision[0])  # copies rank 0's weights to all
+    step_model = group.wrap(faulty, setup.device)  # copies rank 0's weights to all
+    state.step_model = step_model
     allreduces = [0]
     if isinstance(step_model, DistributedDataParallel):
         def counting_allreduce(process_group, bucket):
@@ -97,8 +98,7 @@ def run(mode: str, corpus: Path, group: distributed.Group) -> tuple[torch.nn.Mod
     flags = []
     for step in range(STEPS):
         faulty.step = step
-        result = train.train_step(step_model, state.optimizer, state.batches, config.train,
-                                  precision, state.scaler)
+        result = train.optimizer_step(state, setup)
         state.scheduler.step()
         flags.append(bool(result.is_finite))
     return state.model, {"is_finite": flags, "allreduces": allreduces[0]}

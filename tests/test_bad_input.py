@@ -49,7 +49,7 @@ CASES = [
     ("data-too-short", lambda t: ["--data-path", str(write(t / "s.txt", b"abcdefghijkl"))],
      r"the val split has 2 tokens but block_size=8 needs at least 9"),
     ("resume-missing-folder", lambda t: ["--resume", str(t / "runs" / "nope")],
-     r"cannot resume .*nope: no such run folder"),
+     r"run folder .*nope does not exist; pass a run folder such as .*/<id>, or 'latest'"),
     ("resume-no-checkpoint", lambda t: ["--resume", str(t)],
      r"no checkpoint 'last' in .*checkpoints \(available: none"),
     ("resume-corrupt-checkpoint",

@@ -1,4 +1,4 @@
-"""Config layering (defaults < configs/ < ./config.json < --config < env < flags) and errors."""
+"""Config layering (defaults < ./config.json < --config < env < flags) and errors."""
 
 from __future__ import annotations
 
@@ -7,23 +7,32 @@ from pathlib import Path
 
 import pytest
 
+from model import ModelConfig
 from tests.conftest import run_script
-from utils.config import ConfigError, ConfigLoader
+from utils.config import ConfigError, ConfigLoader, TrainConfig
 
 
 def make_loader(tmp_path: Path, env: dict[str, str] | None = None,
-                train_yaml: str = "batch_size: 7\n") -> ConfigLoader:
-    (tmp_path / "configs").mkdir(exist_ok=True)
-    (tmp_path / "configs" / "train.yaml").write_text(train_yaml)
-    (tmp_path / "configs" / "model.yaml").write_text("n_layer: 3\n")
-    return ConfigLoader(root=tmp_path, cwd=tmp_path, environ=env or {})
+                config_json: dict | None = None) -> ConfigLoader:
+    """A loader whose current folder holds config.json (the file layer under --config)."""
+    values = {"batch_size": 7, "n_layer": 3} if config_json is None else config_json
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    return ConfigLoader(cwd=tmp_path, environ=env or {})
 
 
 def load(loader: ConfigLoader, *argv: str):
     return loader.load(loader.build_parser().parse_args(list(argv)))
 
 
-def test_configs_files_override_dataclass_defaults(tmp_path):
+def test_the_dataclass_defaults_are_the_default_run(tmp_path):
+    config = ConfigLoader(cwd=tmp_path, environ={}).load(
+        ConfigLoader(cwd=tmp_path, environ={}).build_parser().parse_args([]))
+    assert config.train == TrainConfig()
+    assert config.model == ModelConfig()
+    assert (config.model.n_layer, config.model.n_embd, config.train.batch_size) == (4, 128, 32)
+
+
+def test_a_config_file_overrides_dataclass_defaults(tmp_path):
     config = load(make_loader(tmp_path))
     assert config.train.batch_size == 7
     assert config.model.n_layer == 3
@@ -31,14 +40,14 @@ def test_configs_files_override_dataclass_defaults(tmp_path):
 
 
 def test_each_layer_overrides_the_one_below(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"batch_size": 8, "seed": 1}))
     preset = tmp_path / "preset.yaml"
     preset.write_text("batch_size: 9\nmax_iters: 11\n")
     env = {"CHARGPT_BATCH_SIZE": "10", "CHARGPT_MAX_ITERS": "12"}
-    loader = make_loader(tmp_path, env=env)
+    plain = make_loader(tmp_path, config_json={"batch_size": 8, "seed": 1})
+    loader = ConfigLoader(cwd=tmp_path, environ=env)  # the same ./config.json
 
-    assert load(make_loader(tmp_path)).train.batch_size == 8  # ./config.json over configs/
-    assert load(make_loader(tmp_path), "--config", str(preset)).train.batch_size == 9
+    assert load(plain).train.batch_size == 8  # ./config.json over the defaults
+    assert load(plain, "--config", str(preset)).train.batch_size == 9
     config = load(loader, "--config", str(preset))
     assert (config.train.batch_size, config.train.max_iters) == (10, 12)  # env over --config
     config = load(loader, "--config", str(preset), "--batch-size", "13")
@@ -47,7 +56,7 @@ def test_each_layer_overrides_the_one_below(tmp_path):
 
 
 def test_int_is_accepted_for_a_float_field(tmp_path):
-    config = load(make_loader(tmp_path, train_yaml="learning_rate: 1\n"))
+    config = load(make_loader(tmp_path, config_json={"learning_rate": 1}))
     assert config.train.learning_rate == 1.0 and isinstance(config.train.learning_rate, float)
 
 
@@ -56,16 +65,16 @@ def test_none_turns_an_optional_setting_off(tmp_path):
 
 
 def test_boolean_flags_have_a_negative_form(tmp_path):
-    loader = make_loader(tmp_path, train_yaml="compile: true\n")
+    loader = make_loader(tmp_path, config_json={"compile": True})
     assert load(loader).train.compile is True
     assert load(loader, "--no-compile").train.compile is False
     assert load(make_loader(tmp_path, env={"CHARGPT_BIAS": "yes"})).model.bias is True
 
 
 def test_unknown_file_key_suggests_the_closest_field(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown config key 'batchsize' in configs/train.yaml; "
+    with pytest.raises(ConfigError, match=r"unknown config key 'batchsize' in ./config.json; "
                                           r"did you mean 'batch_size'\?"):
-        load(make_loader(tmp_path, train_yaml="batchsize: 4\n"))
+        load(make_loader(tmp_path, config_json={"batchsize": 4}))
 
 
 def test_unknown_env_var_is_named(tmp_path):
@@ -84,10 +93,9 @@ def test_bad_type_names_field_value_and_source(tmp_path):
     with pytest.raises(ConfigError, match=r"batch_size: expected an integer, got 'many' "
                                           r"\(from env CHARGPT_BATCH_SIZE\)"):
         load(loader)
-    loader = make_loader(tmp_path)
-    (tmp_path / "configs" / "model.yaml").write_text("dropout: high\n")
+    loader = make_loader(tmp_path, config_json={"dropout": "high"})
     with pytest.raises(ConfigError, match=r"dropout: expected a number, got 'high' \(from "
-                                          r"configs/model.yaml\)"):
+                                          r"./config.json\)"):
         load(loader)
 
 
@@ -134,7 +142,7 @@ def test_bad_value_on_the_command_line_exits_2_with_one_line_and_no_run(tmp_path
     result = run_script("train.py", "--n-head", "5", "--runs-dir", str(runs), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: n_embd=128 must be divisible by n_head=5 (n_embd=128 from configs/model.yaml, "
+        "error: n_embd=128 must be divisible by n_head=5 (n_embd=128 from default, "
         "n_head=5 from --n-head)"
     ]
     assert not runs.exists()

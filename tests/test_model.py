@@ -8,8 +8,15 @@ import pytest
 import torch
 
 import model as model_module
-from model import KVCache, LanguageModel, ModelConfig, SamplingConfig, attention_mask, sample_next
-from utils.errors import ConfigFieldError
+from model import (
+    ConfigFieldError,
+    KVCache,
+    LanguageModel,
+    ModelConfig,
+    SamplingConfig,
+    attention_mask,
+    sample_next,
+)
 
 
 def test_forward_returns_logits_for_every_position(tiny_model, tiny_config):
@@ -52,10 +59,17 @@ def test_tiny_model_overfits_one_batch(tiny_config):
     assert loss.item() < 0.1
 
 
-def test_input_and_output_embeddings_are_one_tensor(tiny_model):
-    names = list(tiny_model.state_dict())
-    assert "token_embedding.weight" in names
-    assert not any("lm_head" in n for n in names)
+def test_input_and_output_embeddings_are_one_tensor(tiny_model, tiny_config):
+    """The head is the token embedding: doubling the row of a token absent from the input
+    leaves every hidden state alone, so exactly that token's logit doubles and no other moves."""
+    token = 0
+    idx = torch.randint(1, tiny_config.vocab_size, (2, 9))  # never token 0
+    with torch.no_grad():
+        before, _ = tiny_model(idx)
+        tiny_model.token_embedding.weight[token] *= 2.0
+        after, _ = tiny_model(idx)
+    torch.testing.assert_close(after[..., token], 2 * before[..., token])
+    assert torch.equal(after[..., 1:], before[..., 1:])
 
 
 def test_model_config_rejects_heads_that_do_not_divide_width():

@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import train
 import utils.checkpoint
 from model import LanguageModel
-from tests.conftest import PROJECT_ROOT, run_script
+from tests.conftest import PROJECT_ROOT, cpu_setup, run_script, state_for
 from utils.checkpoint import find_checkpoint, load_checkpoint_model, read_checkpoint
 
 # dropout on, so resuming must restore the RNG exactly to match
@@ -36,11 +36,11 @@ def start(runs: Path, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(pattern: str, root: Path, timeout_s: float = 60) -> None:
+def wait_for(pattern: str, root: Path, timeout_s: float = 60, poll_s: float = 0.05) -> None:
     deadline = time.monotonic() + timeout_s
     while not list(root.glob(pattern)):
         assert time.monotonic() < deadline, f"nothing matched {pattern} in {timeout_s}s"
-        time.sleep(0.05)
+        time.sleep(poll_s)
 
 
 def wait_until_step(checkpoint: Path, step: int, timeout_s: float = 60) -> None:
@@ -94,15 +94,15 @@ def test_sigterm_checkpoints_exits_143_and_resume_is_bit_exact(tmp_path, referen
 
 
 def test_repeated_kill_9_then_resume_is_bit_exact(tmp_path, reference):
-    """Killed three times at different moments; every resume picks up the last checkpoint."""
+    """Killed three times, each as soon as a new step checkpoint appears; every resume picks up
+    the last checkpoint."""
     runs = tmp_path / "runs"
     process = start(runs)
     wait_for("*/artifacts/checkpoints/step_40.safetensors", runs)
     (run_dir,) = runs.iterdir()
     steps_seen = []
-    for target, delay in ((40, 0.0), (120, 0.02), (200, 0.05)):
+    for target in (40, 120, 200):
         wait_for(f"artifacts/checkpoints/step_{target}.safetensors", run_dir)
-        time.sleep(delay)
         process.kill()
         process.wait(timeout=30)
         steps_seen.append(read_checkpoint(run_dir / "artifacts/checkpoints/last.safetensors")
@@ -116,16 +116,49 @@ def test_repeated_kill_9_then_resume_is_bit_exact(tmp_path, reference):
     assert_bit_identical(final_weights(run_dir), reference)
 
 
-def test_kill_9_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path, reference):
-    """A checkpoint every step makes writing most of the run's time, so kills land mid-write."""
+def run_killed(point: str, step: int, *argv: str) -> None:
+    """train.py with these arguments, killed by SIGKILL at `point` of step `step`'s save."""
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "tests" / "killed_train.py"), point, str(step),
+         *argv], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+
+
+def test_kill_9_at_each_point_of_a_checkpoint_write_leaves_a_loadable_checkpoint(
+        tmp_path, reference):
+    """Killed while the new file is half written, after it is complete but before `last`
+    points to it, and between linking and renaming `last`: `last` always loads, holds the
+    previous step, and the resumed run ends bit-identical to an uninterrupted one."""
     runs = tmp_path / "runs"
-    extra = ("--checkpoint-interval", "1", "--keep-checkpoints", "1")
-    process = start(runs, *extra)
+    new_run = [*TINY, "--checkpoint-interval", "1", "--keep-checkpoints", "1",
+               "--runs-dir", str(runs)]
+    kills = (("mid-write", 30), ("before-link", 60), ("mid-link", 90), ("mid-write", 120))
+    for point, step in kills:
+        run_dirs = list(runs.glob("*"))
+        run_killed(point, step, *(["--resume", str(run_dirs[0])] if run_dirs else new_run))
+        (run_dir,) = runs.iterdir()
+        checkpoints = run_dir / "artifacts" / "checkpoints"
+        tensors, meta = read_checkpoint(checkpoints / "last.safetensors")
+        assert "model.token_embedding.weight" in tensors
+        assert meta["step"] == step - 1, point  # the checkpoint before the interrupted one
+    assert list(checkpoints.glob(".*.tmp")), "a kill mid-write leaves its temporary file"
+    result = resume(run_dir)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stderr and "at step 119" in result.stderr
+    assert not list(checkpoints.glob(".*.tmp"))
+    assert_bit_identical(final_weights(run_dir), reference)
+
+
+def test_checkpoints_stay_loadable_while_a_kill_lands_mid_write(tmp_path, reference):
+    """A checkpoint every step makes writing most of the run's time; each kill comes the
+    moment a temporary checkpoint file is seen, so it lands during a write."""
+    runs = tmp_path / "runs"
+    process = start(runs, "--checkpoint-interval", "1", "--keep-checkpoints", "1")
     wait_for("*/artifacts/checkpoints/last.safetensors", runs)
     (run_dir,) = runs.iterdir()
     checkpoints = run_dir / "artifacts" / "checkpoints"
-    for delay in (0.05, 0.21, 0.13, 0.34):
-        time.sleep(delay)
+    for _ in range(3):
+        wait_for(".*.tmp", checkpoints, poll_s=0.001)
         process.kill()
         process.wait(timeout=30)
         tensors, meta = read_checkpoint(checkpoints / "last.safetensors")  # never torn
@@ -186,7 +219,6 @@ def test_a_non_finite_step_leaves_the_weights_untouched(tiny_config, monkeypatch
     torch.manual_seed(0)
     model = LanguageModel(tiny_config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = train.TrainConfig(batch_size=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
     x = torch.randint(tiny_config.vocab_size, (2, 8))
 
@@ -194,9 +226,8 @@ def test_a_non_finite_step_leaves_the_weights_untouched(tiny_config, monkeypatch
         def next_batch(self):
             return x, x
 
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    result = train.train_step(model, optimizer, Batches(), cfg,
-                              (torch.device("cpu"), torch.float32), scaler)
+    setup = cpu_setup(tiny_config, train.TrainConfig(batch_size=2))
+    result = train.optimizer_step(state_for(model, optimizer, Batches()), setup)
     assert not result.is_finite
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name
@@ -271,7 +302,8 @@ def finished_run(tmp_path, capsys) -> Path:
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("missing", r"cannot resume .*nope: no such run folder"),
+        ("missing", r"run folder .*nope does not exist; pass a run folder such as "
+                    r".*/<id>, or 'latest'"),
         ("no_checkpoint", r"no checkpoint 'last' in .* \(available: none: no checkpoint was "
                           r"written yet\)"),
         ("truncated", r"cannot read checkpoint .*last.safetensors .*it is corrupt or truncated"),

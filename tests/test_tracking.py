@@ -93,12 +93,14 @@ def test_aim_run_is_named_by_run_id_with_hparams_losses_and_closed(tracked_run):
 def test_aim_run_is_closed_after_ctrl_c(tmp_path):
     process = subprocess.Popen(
         [sys.executable, str(PROJECT_ROOT / "train.py"), *TINY, "--max-iters", "100000",
-         "--aim", "--aim-repo", str(tmp_path / "aim"), "--runs-dir", str(tmp_path / "runs")],
+         "--aim", "--aim-repo", str(tmp_path / "aim"), "--runs-dir", str(tmp_path / "runs"),
+         "--checkpoint-interval", "20"],
         cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.glob("runs/*/meta/aim_run.txt")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(2)
+    deadline = time.monotonic() + 120
+    # the first checkpoint: the Aim run is open and has metrics
+    while not list(tmp_path.glob("runs/*/artifacts/checkpoints/step_20.safetensors")):
+        assert time.monotonic() < deadline and process.poll() is None, "no checkpoint appeared"
+        time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err

@@ -15,10 +15,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from data import split_ids
 from model import LanguageModel, ModelConfig
-from tests.conftest import PROJECT_ROOT, run_script
-from train import build_optimizer, estimate_loss, lr_at, train_step
+from tests.conftest import PROJECT_ROOT, cpu_setup, run_script, state_for
+from train import build_optimizer, estimate_loss, lr_at, optimizer_step
 from utils.checkpoint import load_export
 from utils.config import TrainConfig
 
@@ -48,9 +47,7 @@ def test_tiny_training_run_learns_exports_and_fills_its_run_folder(tmp_path):
     config = json.loads((run_dir / "meta" / "full_config.json").read_text())
     cfg = TrainConfig(**config["train"])
     ids = torch.tensor(tokenizer.encode((PROJECT_ROOT / "input.txt").read_text()))
-    splits = split_ids(ids, cfg.train_split, model.config.block_size)
-    losses = estimate_loss(model, splits, cfg, model.config.block_size,
-                           (torch.device("cpu"), torch.float32))
+    losses = estimate_loss(model, cpu_setup(model.config, cfg, ids, tokenizer))
     assert losses["val"] == pytest.approx(final_val, abs=1e-4)
     assert config["model"]["vocab_size"] == vocab_size
 
@@ -76,12 +73,13 @@ def test_ctrl_c_stops_training_and_still_exports(tmp_path):
     runs = tmp_path / "runs"
     process = subprocess.Popen(
         [sys.executable, str(PROJECT_ROOT / "train.py"), *TINY, "--max-iters", "100000",
-         "--runs-dir", str(runs)], cwd=PROJECT_ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not list(runs.glob("*/logs/tensorboard/events*")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(2)  # let it take some steps
+         "--checkpoint-interval", "20", "--runs-dir", str(runs)], cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    # the first checkpoint: the run is past its setup and has taken steps
+    while not list(runs.glob("*/artifacts/checkpoints/step_20.safetensors")):
+        assert time.monotonic() < deadline and process.poll() is None, "no checkpoint appeared"
+        time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
@@ -115,15 +113,14 @@ def test_grad_accumulation_matches_one_large_batch():
     config = ModelConfig(vocab_size=13, block_size=8, n_layer=1, n_head=2, n_embd=16,
                          dropout=0.0)
     x, y = torch.randint(13, (8, 8)), torch.randint(13, (8, 8))
-    precision = (torch.device("cpu"), torch.float32)
     weights = []
     for accum, batches in ((1, [(x, y)]), (2, [(x[:4], y[:4]), (x[4:], y[4:])])):
         torch.manual_seed(0)
         model = LanguageModel(config)
         cfg = TrainConfig(grad_accum_steps=accum, batch_size=8 // accum)
         optimizer = build_optimizer(model, cfg, torch.device("cpu"))
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        result = train_step(model, optimizer, FixedBatches(batches), cfg, precision, scaler)
+        state = state_for(model, optimizer, FixedBatches(batches))
+        result = optimizer_step(state, cpu_setup(config, cfg))
         weights.append((result.loss.item(), model.blocks[0].mlp.fc.weight.detach().clone()))
     assert weights[0][0] == pytest.approx(weights[1][0], abs=1e-6)
     torch.testing.assert_close(weights[0][1], weights[1][1], atol=1e-6, rtol=0)
@@ -162,7 +159,7 @@ def test_a_second_ctrl_c_quits_at_once(tmp_path, capsys, monkeypatch):
 
     import train
 
-    real_step = train.train_step
+    real_step = train.optimizer_step
     calls = {"n": 0}
 
     def step_with_two_interrupts(*args, **kwargs):
@@ -172,7 +169,7 @@ def test_a_second_ctrl_c_quits_at_once(tmp_path, capsys, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_step", step_with_two_interrupts)
+    monkeypatch.setattr(train, "optimizer_step", step_with_two_interrupts)
     code = train.main([*TINY, "--max-iters", "100", "--runs-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 130

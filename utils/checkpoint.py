@@ -6,12 +6,16 @@ state as JSON in the file's metadata. A run of several processes (torchrun) keep
 random state: rank 0's under the plain names, rank r's prefixed "rank<r>.". artifacts/export/
 holds model.safetensors, config.json and tokenizer.json for inference. Nothing is unpickled:
 tensors go through safetensors, the rest through JSON.
+
+Files are written atomically (a temporary file renamed into place) and read through one open
+file each, so a reader racing a training run that rewrites `last` or `best` gets the old file or
+the new one, never a mix. Which run to resume, and what a resume may change, is utils/resume.py's.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import io
 import json
 import math
 import os
@@ -21,19 +25,19 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
+import safetensors.torch
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from data import BatchSampler
 from model import LanguageModel, ModelConfig
 from tokenizer import CharTokenizer
-from utils.config import Config, ConfigLoader
+from utils.config import Config
 from utils.errors import TrainingFailure, UserError
-from utils.runs import RunPaths, latest_run
 
 WEIGHTS_FILE = "model.safetensors"
 CHECKPOINT_SUFFIX = ".safetensors"
@@ -41,6 +45,8 @@ STATE_METADATA_KEY = "chargpt_training_state"
 STEP_CHECKPOINT = re.compile(r"step_(\d+)\.safetensors")
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+MODEL_PREFIX = "model."  # a checkpoint's weights, beside its optimizer and RNG tensors
 
 
 class CheckpointError(UserError):
@@ -108,7 +114,7 @@ def load_export(
             "train.py writes it when training ends or is stopped with Ctrl-C; train a run "
             "with python train.py"
         )
-    config = load_model_config(export_dir / CONFIG_FILE)
+    config = _model_config(_read_json(export_dir / CONFIG_FILE), export_dir / CONFIG_FILE)
     tokenizer = CharTokenizer.load(export_dir / TOKENIZER_FILE)
     if config.vocab_size != tokenizer.vocab_size:
         raise CheckpointError(
@@ -120,23 +126,71 @@ def load_export(
     return model.to(device).eval(), tokenizer
 
 
-def load_model_config(path: Path) -> ModelConfig:
+def _read_json(path: Path) -> Any:
     try:
-        values = json.loads(Path(path).read_text(encoding="utf-8"))
-        return ModelConfig(**values)
-    except (OSError, ValueError, TypeError) as error:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
         raise CheckpointError(f"cannot read model config {path}: {error}") from None
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load safetensors weights into model, naming any missing, unexpected or misshapen tensor."""
+def _model_config(values: Any, source: Path) -> ModelConfig:
+    """The ModelConfig saved in source, or a CheckpointError if it does not make one."""
     try:
-        saved = load_file(str(path))
-    except (SafetensorError, OSError) as error:
+        return ModelConfig(**values)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"cannot read the model config in {source}: {error}") from None
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load exported safetensors weights into model."""
+    try:
+        saved, _ = read_safetensors(path)
+    except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"cannot read weights {path}: {error}; the file is corrupt or "
                               "truncated") from None
-    check_weights(model, saved, path)
-    model.load_state_dict(saved)
+    load_model_weights(model, saved, path)
+
+
+def read_safetensors(
+    path: Path, with_tensors: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and string metadata of a safetensors file, read through one open file.
+
+    safetensors' own readers open the path twice (the header, then a map of the tensors), so
+    a file renamed over it in between is read half old, half new. Without tensors only the
+    header is read. Raises SafetensorError, OSError or ValueError for an unreadable file."""
+    with open(path, "rb") as handle:
+        if not with_tensors:
+            return {}, _read_header(handle).get("__metadata__") or {}
+        raw = handle.read()
+    metadata = _read_header(io.BytesIO(raw)).get("__metadata__") or {}
+    return safetensors.torch.load(raw), metadata
+
+
+def _read_header(handle: BinaryIO) -> dict[str, Any]:
+    # the format: a little-endian u64 length, then that many bytes of JSON header
+    prefix = handle.read(8)
+    if len(prefix) < 8:
+        raise ValueError("the file is shorter than a safetensors header")
+    length = int.from_bytes(prefix, "little")
+    if length > MAX_HEADER_BYTES:
+        raise ValueError(f"the header claims {length} bytes, more than safetensors allows")
+    text = handle.read(length)
+    if len(text) < length:
+        raise ValueError(f"the header claims {length} bytes but the file ends first")
+    header = json.loads(text)
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return header
+
+
+def load_model_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], path: Path,
+                       prefix: str = "") -> None:
+    """Load the tensors named prefix + <parameter name> into model, after checking that they
+    are exactly the model's, shape for shape."""
+    weights = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    check_weights(model, weights, path)
+    model.load_state_dict(weights)
 
 
 def check_weights(model: torch.nn.Module, saved: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -279,10 +333,7 @@ def read_checkpoint(
     """The tensors and JSON state of a checkpoint file, or a CheckpointError if unreadable.
     Without tensors only the file's header is read."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            names = handle.keys() if with_tensors else []
-            tensors = {name: handle.get_tensor(name) for name in names}
+        tensors, metadata = read_safetensors(path, with_tensors)
         meta = json.loads(metadata[STATE_METADATA_KEY])
     except (SafetensorError, OSError, KeyError, ValueError) as error:
         raise CheckpointError(
@@ -311,9 +362,7 @@ def restore_checkpoint(
         details = ", ".join(f"{k}: checkpoint {saved_model.get(k)}, config {current_model[k]}"
                             for k in differing)
         raise CheckpointError(f"checkpoint {path} was made with a different model ({details})")
-    weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    check_weights(state.model, weights, path)
-    state.model.load_state_dict(weights)
+    load_model_weights(state.model, tensors, path, MODEL_PREFIX)
     state.optimizer.load_state_dict(_optimizer_state(tensors, meta))
     state.scheduler.load_state_dict(meta["scheduler"])
     state.scaler.load_state_dict(meta["scaler"])
@@ -340,10 +389,8 @@ def load_checkpoint_model(
 ) -> tuple[LanguageModel, CharTokenizer]:
     """The model (eval mode, on device) and tokenizer stored in a training checkpoint."""
     tensors, meta = read_checkpoint(path)
-    model = LanguageModel(ModelConfig(**meta["model_config"]))
-    weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    check_weights(model, weights, path)
-    model.load_state_dict(weights)
+    model = LanguageModel(_model_config(meta["model_config"], path))
+    load_model_weights(model, tensors, path, MODEL_PREFIX)
     return model.to(device).eval(), CharTokenizer(meta["tokenizer"])
 
 
@@ -351,7 +398,7 @@ def _state_to_tensors(
     state: TrainingState, config: Config, tokenizer: CharTokenizer,
     rank_states: Sequence[RankState],
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {f"model.{k}": v for k, v in weights_of(state.model).items()}
+    tensors = {MODEL_PREFIX + k: v for k, v in weights_of(state.model).items()}
     optimizer = state.optimizer.state_dict()
     for index, param_state in optimizer["state"].items():
         for key, value in param_state.items():
@@ -386,40 +433,3 @@ def _optimizer_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any
             state.setdefault(int(index), {})[key] = tensor
     return {"state": state, "param_groups": meta["optimizer_param_groups"]}
 
-
-def resolve_resume(
-    which: str, loader: ConfigLoader, args: argparse.Namespace, world_size: int = 1
-) -> tuple[RunPaths, Path, Config]:
-    """The run to resume (a folder or 'latest'), its last checkpoint, and its saved config with
-    the overrides resuming allows. A run resumes with as many processes as it was trained with:
-    each one continues its own batch stream."""
-    if which == "latest":
-        runs_dir = Path(loader.load(args).train.runs_dir)
-        found = latest_run(runs_dir, "artifacts/checkpoints/last.safetensors")
-        if found is None:
-            raise UserError(f"no run with a checkpoint in {runs_dir}/ to resume")
-        run = RunPaths(found)
-    else:
-        run = RunPaths(Path(which))
-        if not run.root.is_dir():
-            raise UserError(f"cannot resume {run.root}: no such run folder")
-    checkpoint = find_checkpoint(run.checkpoints, "last")
-    meta = checkpoint_meta(checkpoint)
-    saved_world_size = meta.get("world_size", 1)
-    if saved_world_size != world_size:
-        command = (f"python train.py --resume {run.root}" if saved_world_size == 1 else
-                   f"{saved_world_size} processes in all, e.g. torchrun --standalone "
-                   f"--nproc_per_node={saved_world_size} train.py --resume {run.root}")
-        raise UserError(
-            f"run {run.run_id} was trained by {saved_world_size} process(es) but this resume has "
-            f"{world_size}; each process continues its own batch stream, so resume it with "
-            f"{command}"
-        )
-    config = loader.load_for_resume({"model": meta["model_config"],
-                                     "train": meta["train_config"]}, args)
-    if meta["step"] >= config.train.max_iters:
-        raise UserError(
-            f"run {run.run_id} is finished ({meta['step']} of {config.train.max_iters} steps); "
-            f"pass --max-iters N with N > {meta['step']} to train it further"
-        )
-    return run, checkpoint, config

@@ -1,9 +1,11 @@
 """Training config and the loader that merges every config layer into typed, validated dataclasses.
 
 Layers, lowest to highest precedence:
-    dataclass defaults -> configs/train.yaml, configs/model.yaml -> ./config.json (legacy)
-    -> --config FILE -> CHARGPT_<FIELD> environment variables -> command-line flags
-Files are flat mappings of field names to values (YAML or JSON), model and training keys alike.
+    dataclass defaults (ModelConfig in model.py, TrainConfig here) -> ./config.json (legacy)
+    -> --config FILE (e.g. configs/presets/gpu.yaml) -> CHARGPT_<FIELD> environment variables
+    -> command-line flags
+The dataclass defaults are the one statement of the default run. Files are flat mappings of
+field names to values (YAML or JSON), model and training keys alike.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from typing import Any, Literal
 
 import yaml
 
-from model import ModelConfig
-from utils.errors import ConfigFieldError, UserError
+from model import ConfigFieldError, ModelConfig
+from utils.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "CHARGPT_"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPES: tuple[str, ...] = typing.get_args(DType)
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 RUN_TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -42,18 +45,20 @@ def _help(text: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """How to train. The defaults are the default run (`python train.py`, `make train`)."""
+
     data_path: str = field(default="input.txt", metadata=_help("text file to train on"))
     train_split: float = field(
         default=0.9, metadata=_help("fraction of the text used for training; the rest validates")
     )
-    batch_size: int = field(default=64, metadata=_help("sequences per micro-batch, per process"))
+    batch_size: int = field(default=32, metadata=_help("sequences per micro-batch, per process"))
     grad_accum_steps: int = field(
         default=1, metadata=_help("micro-batches per optimizer step, per process "
                                    "(the global batch is batch_size x this x processes)")
     )
-    max_iters: int = field(default=5000, metadata=_help("optimizer steps to train for"))
-    learning_rate: float = field(default=1e-3, metadata=_help("peak learning rate"))
-    min_lr: float = field(default=1e-4, metadata=_help("learning rate at the end of the decay"))
+    max_iters: int = field(default=1000, metadata=_help("optimizer steps to train for"))
+    learning_rate: float = field(default=2e-3, metadata=_help("peak learning rate"))
+    min_lr: float = field(default=2e-4, metadata=_help("learning rate at the end of the decay"))
     warmup_iters: int = field(default=100, metadata=_help("steps of linear warmup from 0"))
     lr_decay_iters: int | None = field(
         default=None, metadata=_help("step where cosine decay reaches min_lr; none = max_iters")
@@ -68,14 +73,14 @@ class TrainConfig:
     )
     eval_interval: int = field(default=250, metadata=_help("steps between evaluations"))
     eval_iters: int = field(
-        default=200, metadata=_help("batches per split averaged by each evaluation")
+        default=50, metadata=_help("batches per split averaged by each evaluation")
     )
     log_interval: int = field(default=10, metadata=_help("steps between train-loss logs"))
     sample_tokens: int = field(
         default=500, metadata=_help("characters sampled at each evaluation and the end; 0 = off")
     )
     histogram_interval: int = field(
-        default=0, metadata=_help("steps between parameter and gradient histograms; 0 = none")
+        default=250, metadata=_help("steps between parameter and gradient histograms; 0 = none")
     )
     aim_logging: bool = field(
         default=False, metadata={"help": "also track the run in Aim", "aliases": ("--aim",)}
@@ -109,7 +114,7 @@ class TrainConfig:
     seed: int = field(default=1337, metadata=_help("seed for Python, numpy, torch and batches"))
     device: str = field(default="auto", metadata=_help("auto (cuda, then mps, then cpu), cpu, "
                                                        "cuda, cuda:N or mps"))
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+    dtype: DType = field(
         default="auto",
         metadata=_help("autocast precision; auto = bfloat16 on CUDA if supported, "
                        "float16 on older CUDA, float32 elsewhere"),
@@ -170,7 +175,7 @@ class TrainConfig:
                 "letter or digit", "run_tag",
             )
 
-    def global_batch_size(self, world_size: int) -> int:
+    def global_batch_size(self, world_size: int = 1) -> int:
         """Sequences per optimizer step over all processes: batch_size and grad_accum_steps
         are per process, so torchrun with N processes takes N times as many."""
         return self.batch_size * self.grad_accum_steps * world_size
@@ -187,6 +192,10 @@ class Config:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        """Tokens in one optimizer step over all processes."""
+        return self.train.global_batch_size(world_size) * self.model.block_size
 
 
 # Settings a resumed run may change: they alter how it is watched and how long it runs, never
@@ -218,18 +227,14 @@ class ConfigLoader:
     """Merges the config layers; build a parser, add script-specific flags, then load(args)."""
 
     def __init__(
-        self,
-        root: Path = PROJECT_ROOT,
-        cwd: Path | None = None,
-        environ: Mapping[str, str] | None = None,
+        self, cwd: Path | None = None, environ: Mapping[str, str] | None = None
     ) -> None:
-        self.config_dir = Path(root) / "configs"
         self.cwd = Path.cwd() if cwd is None else Path(cwd)
         self.environ = os.environ if environ is None else environ
 
     def build_parser(self, description: str | None = None) -> argparse.ArgumentParser:
         """A parser with --config and one flag per config field; its help shows the defaults
-        that configs/ gives them."""
+        (./config.json's where it sets them)."""
         defaults = self._merge(self._base_layers())
         parser = ArgumentParser(
             description=description,
@@ -237,7 +242,8 @@ class ConfigLoader:
             allow_abbrev=False,
         )
         parser.add_argument("--config", metavar="FILE", type=Path,
-                            help="YAML or JSON file of config values, over configs/ defaults")
+                            help="YAML or JSON file of config values over the defaults, e.g. "
+                                 "configs/presets/gpu.yaml")
         for section, title in ((ModelConfig, "model"), (TrainConfig, "training")):
             group = parser.add_argument_group(f"{title} config (also CHARGPT_<FIELD> env vars)")
             for spec in dataclasses.fields(section):
@@ -290,10 +296,6 @@ class ConfigLoader:
 
     def _base_layers(self) -> list[_Layer]:
         layers = [_Layer("defaults", {}, from_text=False)]
-        for name in ("model", "train"):
-            path = _existing(self.config_dir, name)
-            if path is not None:
-                layers.append(self._file_layer(path, str(path.relative_to(self.config_dir.parent))))
         legacy = self.cwd / "config.json"
         if legacy.is_file():
             layers.append(self._file_layer(legacy, "./config.json"))
@@ -350,13 +352,6 @@ class ArgumentParser(argparse.ArgumentParser):
             hint = f"; did you mean {close[0]}?" if close else "; see --help"
             raise ConfigError(f"unknown flag {flag}{hint}")
         raise ConfigError(f"{message}; see --help")
-
-
-def _existing(folder: Path, stem: str) -> Path | None:
-    for suffix in (".yaml", ".yml", ".json"):
-        if (folder / f"{stem}{suffix}").is_file():
-            return folder / f"{stem}{suffix}"
-    return None
 
 
 def _describe_source(layer: _Layer, key: str) -> str:

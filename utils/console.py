@@ -14,13 +14,16 @@ from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
-from utils.distributed import current_launch, is_peer_failure
+from utils.distributed import current_launch
 from utils.errors import TrainingFailure, UserError
 
 USER_ERROR_EXIT_CODE = 2
 TRAINING_FAILURE_EXIT_CODE = 1
-# how long a process other than local rank 0 holds back its error: if local rank 0 meets the
-# same one, it shows it and torchrun ends this process before the wait is over
+# Under torchrun every process meets most errors (a bad config, a full disk) at once, and a
+# process cannot ask the others whether they failed too once the run is breaking up. So a
+# process other than local rank 0 holds its error back this long: if local rank 0 shows the
+# same one, torchrun ends this process within the wait and the error appears once; if it is
+# still alive afterwards, the error was its own and is shown with its rank.
 PEER_ERROR_GRACE_S = 5.0
 
 
@@ -50,18 +53,10 @@ def run_main(body: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
     except TrainingFailure as failure:
         _report_failure(str(failure))
         return TRAINING_FAILURE_EXIT_CODE
-    except RuntimeError as failure:
-        if not (current_launch().by_torchrun and is_peer_failure(failure)):
-            raise
-        _report_failure("another training process quit (its error is above, or in torchrun's "
-                        "summary below)")
-        return TRAINING_FAILURE_EXIT_CODE
 
 
 def _report_failure(message: str) -> None:
-    """Local rank 0 shows the error at once. Any other process first gives local rank 0 the
-    time to fail the same way (torchrun then ends it), and shows the error, with its rank, only
-    if it is still running: then the error was its own."""
+    """Local rank 0 shows the error at once; any other process after PEER_ERROR_GRACE_S."""
     launch = current_launch()
     if launch.local_rank == 0:
         _write(f"error: {message}")

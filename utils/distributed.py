@@ -151,7 +151,8 @@ class Group:
 @contextlib.contextmanager
 def process_group(launch: Launch, device: torch.device) -> Iterator[Group]:
     """Join the other processes for the body (when started by torchrun): nccl for CUDA, gloo
-    otherwise; leave the group on the way out, however the body ends."""
+    otherwise; leave the group on the way out, however the body ends. A collective broken by
+    a peer that quit ends the body as a one-line TrainingFailure."""
     group = Group()
     if not launch.by_torchrun:
         yield group
@@ -164,6 +165,12 @@ def process_group(launch: Launch, device: torch.device) -> Iterator[Group]:
         dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     try:
         yield group
+    except RuntimeError as error:
+        if not is_peer_failure(error):
+            raise
+        # this process only lost its connection; the user needs the error of the one that quit
+        raise TrainingFailure("another training process quit (its error is above, or in "
+                              "torchrun's summary below)") from None
     finally:
         group._release()
         dist.destroy_process_group()

@@ -9,12 +9,3 @@ class UserError(Exception):
 
 class TrainingFailure(Exception):
     """Training cannot go on (diverged, disk full): shown as one line, exit code 1."""
-
-
-class ConfigFieldError(ValueError):
-    """A config value breaks a rule; `fields` names the keys involved so the loader can say
-    where each value came from."""
-
-    def __init__(self, message: str, *fields: str) -> None:
-        super().__init__(message)
-        self.fields = fields

@@ -2,6 +2,7 @@
 
     run = create_run(Path("runs"), "baseline")   # runs/20261122_143000_baseline/
     write_metadata(run, config.to_dict(), command)
+    run = find_run("latest", Path("runs"), "artifacts/export/model.safetensors", "an export")
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from utils.config import ENV_PREFIX, PROJECT_ROOT
+from utils.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,19 @@ def environment_report() -> str:
     return "\n".join(lines) + "\n"
 
 
-def latest_run(runs_dir: Path, required: str) -> Path | None:
-    """The newest run folder (by id, which sorts by time) that holds the path `required`."""
-    candidates = [p for p in Path(runs_dir).glob("*") if (p / required).exists()]
-    return max(candidates, key=lambda p: p.name, default=None)
+def find_run(which: str, runs_dir: Path, required: str, description: str) -> RunPaths:
+    """The run folder `which`, or for 'latest' the newest run in runs_dir that holds the
+    relative path `required` (`description` names it in the error). What a run must hold
+    beyond its folder is checked by whatever loads it, which can say what is there instead."""
+    if which == "latest":
+        candidates = [p for p in Path(runs_dir).glob("*") if (p / required).exists()]
+        found = max(candidates, key=lambda p: p.name, default=None)  # ids sort by time
+        if found is None:
+            raise UserError(f"no run with {description} in {runs_dir}/; train one with python "
+                            "train.py, or pass a run folder runs/<id>")
+        return RunPaths(found)
+    root = Path(which)
+    if not root.is_dir():
+        raise UserError(f"run folder {root} does not exist; pass a run folder such as "
+                        f"{runs_dir}/<id>, or 'latest'")
+    return RunPaths(root)

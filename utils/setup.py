@@ -1,0 +1,75 @@
+"""What every script that trains, profiles or benchmarks starts from: the device and precision
+configured for it, and the corpus read, tokenised and split.
+
+    setup = build_setup(config)        # threads, device, backends, dtype, data: in that order
+    state = train.init_state(setup)
+    with setup.autocast(): ...
+
+train.py, profile_model.py and bench/ all go through build_setup, so what one measures is what
+another runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data import Splits, read_text, split_ids
+from tokenizer import CharTokenizer
+from utils import distributed
+from utils.config import Config, ConfigLoader
+from utils.device import autocast, configure_backends, resolve_device, resolve_dtype
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A validated config, completed by the corpus (vocab_size), and where and how it runs."""
+
+    config: Config
+    tokenizer: CharTokenizer
+    splits: Splits
+    device: torch.device
+    dtype: torch.dtype  # the autocast dtype; float32 means no autocast
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for forward passes in this setup's dtype; a no-op for float32."""
+        return autocast(self.device, self.dtype)
+
+    def tokens_per_step(self) -> int:
+        """Tokens in one optimizer step, over every process of the launch."""
+        return self.config.tokens_per_step(distributed.world_size())
+
+
+def build_setup(config: Config) -> Setup:
+    """CPU threads, then this process's device, its backend switches and the autocast dtype,
+    then the corpus; the returned config carries the tokenizer's vocab_size."""
+    launch = distributed.current_launch()
+    cfg = config.train
+    threads = cfg.num_threads or distributed.threads_per_process(launch)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = distributed.device_for_rank(resolve_device(cfg.device), launch)
+    configure_backends(device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    text = read_text(Path(cfg.data_path))
+    tokenizer = CharTokenizer.from_text(text)
+    model_config = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    splits = split_ids(ids, cfg.train_split, model_config.block_size)
+    return Setup(dataclasses.replace(config, model=model_config), tokenizer, splits, device,
+                 dtype)
+
+
+def setup_from_flags(flags: Sequence[str]) -> Setup:
+    """The setup of the config train.py would load with these flags (benches, tests)."""
+    loader = ConfigLoader()
+    return build_setup(loader.load(loader.build_parser().parse_args(list(flags))))
