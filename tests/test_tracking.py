@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -130,7 +131,9 @@ def free_port() -> int:
 
 def serve_and_get(command: list[str], port: int, timeout_s: float = 60) -> int:
     """Start a UI server on loopback, return the HTTP status of its front page, stop it."""
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # its own process group: `aim up` serves through a uvicorn child, which must go too
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
     try:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -143,7 +146,7 @@ def serve_and_get(command: list[str], port: int, timeout_s: float = 60) -> int:
                 time.sleep(0.5)
         raise AssertionError(f"{command[0]} did not answer on port {port}")
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
 
