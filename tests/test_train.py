@@ -170,6 +170,8 @@ def test_a_second_ctrl_c_quits_at_once(tmp_path, capsys, monkeypatch):
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(train, "optimizer_step", step_with_two_interrupts)
+    # whatever was there before (SIG_IGN when started in the background by a script)
+    handler_before = signal.getsignal(signal.SIGINT)
     code = train.main([*TINY, "--max-iters", "100", "--runs-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 130
@@ -177,4 +179,4 @@ def test_a_second_ctrl_c_quits_at_once(tmp_path, capsys, monkeypatch):
     assert "interrupted again: quitting at once" in err
     (run_dir,) = tmp_path.iterdir()
     assert not (run_dir / "artifacts" / "export" / "model.safetensors").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
