@@ -80,7 +80,7 @@ def profile_steps(args: argparse.Namespace, setup: Setup, state):
 def phase_table(profiler, steps: int, step_s: float) -> tuple[str, dict[str, float]]:
     """Milliseconds per step and share of the step for each phase; 'other' is the rest.
 
-    The phases are train_step's record_function ranges. On CPU their host time is the work;
+    The phases are optimizer_step's record_function ranges. On CPU their host time is the work;
     on CUDA the host only queues kernels, so the share is taken from the time the device spent
     inside each range (the profiler's GPU-side copy of the annotation). Backward kernels are
     launched by autograd's engine thread, outside the range, so backward's device time is all
