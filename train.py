@@ -482,4 +482,4 @@ def seed_everything(seed: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console.exit_process(main())

@@ -126,4 +126,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(console.run_main(main, sys.argv[1:]))
+    console.exit_process(console.run_main(main, sys.argv[1:]))

@@ -8,9 +8,11 @@ same ones.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from tqdm import tqdm
 
@@ -53,6 +55,19 @@ def run_main(body: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
     except TrainingFailure as failure:
         _report_failure(str(failure))
         return TRAINING_FAILURE_EXIT_CODE
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the script with code. A process torchrun started skips the interpreter's teardown:
+    gloo's worker threads outlive destroy_process_group, and one that drops the last reference
+    to a finished collective's tensor while the interpreter tears down needs the GIL it no
+    longer hands out, which aborts the process (SIGABRT, "terminate called without an active
+    exception") after all its work is done. Everything the run writes is closed by then."""
+    if current_launch().by_torchrun:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _report_failure(message: str) -> None:
