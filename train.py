@@ -11,6 +11,7 @@ Read top-down: main -> train (config, setup, run folder) -> fit (the loop, then 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import random
 import shlex
@@ -19,6 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ from tqdm import tqdm
 
 from data import BatchSampler
 from model import LanguageModel
-from utils import console, distributed
+from utils import budget, console, distributed
 from utils.checkpoint import (
     RankState,
     TrainingState,
@@ -43,6 +45,7 @@ from utils.device import measure_matmul_flops
 from utils.errors import TrainingFailure
 from utils.interrupts import GracefulStop
 from utils.nonfinite import NonfiniteCounter
+from utils.optimizers import build_optimizer, lr_factor, step_unless_nonfinite
 from utils.resume import resolve_resume
 from utils.runs import RunPaths, command_line, create_run, write_metadata
 from utils.setup import Setup, build_setup
@@ -60,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train(argv: Sequence[str]) -> int:
     """Validate everything, then open the run and fit; the exit code."""
+    started = time.perf_counter()  # a time budget counts from here
     launch = distributed.current_launch()
     loader = ConfigLoader()
     args = build_parser(loader).parse_args(argv)
@@ -73,6 +77,8 @@ def train(argv: Sequence[str]) -> int:
     # every input is valid: only now do processes join up and the run get (or touch) a folder
     with distributed.process_group(launch, setup.device) as group:
         state.step_model = group.wrap(state.step_model, setup.device)
+        if resume is None and setup.config.train.time_budget is not None:
+            setup = fit_to_budget(state, setup, started)
         resumed_at_step = state.step if resume else None
         command = command_line("train.py", argv, launcher=launch.launcher())
         run, metadata = distributed.on_main(lambda: open_run(
@@ -99,16 +105,56 @@ def init_state(setup: Setup) -> TrainingState:
     seed = cfg.seed + distributed.rank()
     seed_everything(seed)
     model = LanguageModel(setup.config.model).to(setup.device)
+    return TrainingState(model=model, step_model=torch.compile(model) if cfg.compile else model,
+                         **optimization(model, setup))
+
+
+def optimization(model: LanguageModel, setup: Setup) -> dict[str, Any]:
+    """A fresh optimizer, schedule, loss scaler and batch stream for the model."""
+    cfg = setup.config.train
     optimizer = build_optimizer(model, cfg, setup.device)
-    return TrainingState(
-        model=model,
-        step_model=torch.compile(model) if cfg.compile else model,
+    return dict(
         optimizer=optimizer,
-        scheduler=LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.learning_rate),
+        scheduler=LambdaLR(optimizer, lambda step: lr_factor(step, cfg)),
         scaler=torch.amp.GradScaler(setup.device.type, enabled=setup.dtype == torch.float16),
         batches=BatchSampler(setup.splits.train, setup.config.model.block_size, cfg.batch_size,
-                             seed, setup.device),
+                             cfg.seed + distributed.rank(), setup.device),
     )
+
+
+def fit_to_budget(state: TrainingState, setup: Setup, started: float) -> Setup:
+    """Time real steps and one evaluation on the fresh state, put it back exactly as it was,
+    and return the setup with the max_iters that fits the rest of the time budget."""
+    cfg = setup.config.train
+    initial_weights = {name: t.clone() for name, t in state.model.state_dict().items()}
+    with torch.random.fork_rng(devices=[setup.device] if setup.device.type == "cuda" else []):
+        timings = measure_timings(state, setup)
+    state.model.load_state_dict(initial_weights)
+    remaining = cfg.time_budget - (time.perf_counter() - started)
+    fitting = budget.steps_within(remaining, timings, cfg.eval_interval)
+    max_iters = -distributed.max_over_ranks(-fitting, setup.device)  # the slowest rank's
+    resolved = dataclasses.replace(setup, config=dataclasses.replace(
+        setup.config, train=dataclasses.replace(cfg, max_iters=max_iters)))
+    for name, value in optimization(state.model, resolved).items():
+        setattr(state, name, value)
+    console.info(f"time budget {cfg.time_budget:g}s: {timings.step * 1e3:.1f} ms per step, "
+                 f"{timings.evaluation:.1f}s per evaluation, {remaining:.0f}s left -> "
+                 f"max_iters={max_iters} (--max-iters {max_iters} repeats this run)")
+    return resolved
+
+
+def measure_timings(state: TrainingState, setup: Setup) -> budget.Timings:
+    """Seconds per step, per evaluation and for the end of the run, on this machine."""
+    cfg, device = setup.config.train, setup.device
+    step = budget.time_steps(lambda: optimizer_step(state, setup), device)
+    sampled = budget.time_call(lambda: estimate_loss(state.step_model, setup), device)
+    sample = budget.time_call(
+        lambda: sample_text(state.model, setup, cfg.sample_tokens), device)
+    # a full-split pass runs batches of the same shape as the sampled estimate's
+    per_batch = sampled / (2 * cfg.eval_iters)
+    full = per_batch * math.ceil(full_split_windows(setup) / cfg.batch_size)
+    evaluation = (sampled / 2 + full if cfg.eval_full else sampled) + sample
+    return budget.Timings(step=step, evaluation=evaluation, end=full + sample)
 
 
 def fit(state: TrainingState, setup: Setup, run: RunPaths, tracker: Tracker) -> int:
@@ -120,12 +166,16 @@ def fit(state: TrainingState, setup: Setup, run: RunPaths, tracker: Tracker) -> 
             end = training_loop(state, setup, run, tracker, stop)
             console.info(f"training ended at step {state.step}: {end}")
             tracker.log_text("end_reason", end, state.step)
+            if not stop.requested:
+                state.last_losses["val_full"] = full_split_loss(state.step_model, setup)
+                tracker.log({"val/loss_full": state.last_losses["val_full"]}, state.step)
             if state.last_saved_step != state.step:
                 write_checkpoints(run, state, setup, [f"step_{state.step}", "last"])
             distributed.on_main(lambda: save_export(run.export, state.model, setup.tokenizer))
         tracker.log_summary(flat_hparams(setup.config), {
             "hparams/final_val_loss": state.last_losses.get("val", math.nan),
             "hparams/best_val_loss": state.best_val_loss,
+            "hparams/final_val_loss_full": state.last_losses.get("val_full", math.nan),
         })
     except KeyboardInterrupt:
         console.warn("interrupted again: quitting at once; resume from the last checkpoint "
@@ -301,7 +351,11 @@ def log_progress(state: TrainingState, result: StepResult, speed: SpeedMeter, tr
 def evaluate(state: TrainingState, setup: Setup, tracker: Tracker) -> bool:
     """Losses on both splits and a sample, logged at the current step; True if val improved."""
     cfg = setup.config.train
-    losses = estimate_loss(state.step_model, setup)
+    if cfg.eval_full:
+        losses = estimate_loss(state.step_model, setup, splits=("train",))
+        losses["val"] = full_split_loss(state.step_model, setup)
+    else:
+        losses = estimate_loss(state.step_model, setup)
     improved = losses["val"] < state.best_val_loss
     if losses["val"] < state.best_val_loss - cfg.min_delta:
         state.evals_without_improvement = 0
@@ -315,12 +369,13 @@ def evaluate(state: TrainingState, setup: Setup, tracker: Tracker) -> bool:
         tracker.log_text("samples", sample_text(state.model, setup, cfg.sample_tokens),
                          state.step)
     console.info(f"step {state.step}: train loss {losses['train']:.4f}, "
-                 f"val loss {losses['val']:.4f}")
+                 f"val loss {losses['val']:.4f}{' (full split)' if cfg.eval_full else ''}")
     return improved
 
 
 @torch.no_grad()
-def estimate_loss(model: torch.nn.Module, setup: Setup) -> dict[str, float]:
+def estimate_loss(model: torch.nn.Module, setup: Setup,
+                  splits: Sequence[str] = ("train", "val")) -> dict[str, float]:
     """Mean loss over eval_iters fixed batches of each split, in eval mode.
 
     Under torchrun each rank evaluates its own batches and the means are averaged, so the
@@ -329,7 +384,8 @@ def estimate_loss(model: torch.nn.Module, setup: Setup) -> dict[str, float]:
     model.eval()
     losses = {}
     seed = cfg.seed + EVAL_SEED_OFFSET + distributed.rank()
-    for name, data in (("train", setup.splits.train), ("val", setup.splits.val)):
+    for name in splits:
+        data = setup.splits.train if name == "train" else setup.splits.val
         sampler = BatchSampler(data, block_size, cfg.batch_size, seed, setup.device)
         total = torch.zeros((), device=setup.device)
         for _ in range(cfg.eval_iters):
@@ -340,6 +396,30 @@ def estimate_loss(model: torch.nn.Module, setup: Setup) -> dict[str, float]:
         losses[name] = distributed.mean_over_ranks(total).item() / cfg.eval_iters
     model.train()
     return losses
+
+
+@torch.no_grad()
+def full_split_loss(model: torch.nn.Module, setup: Setup) -> float:
+    """Mean loss over every non-overlapping block_size window of the val split: a figure
+    that compares across runs, unlike a sample of random windows. Ranks share the windows."""
+    cfg, block_size, data = setup.config.train, setup.config.model.block_size, setup.splits.val
+    starts = torch.arange(full_split_windows(setup)) * block_size
+    offsets = torch.arange(block_size + 1)
+    totals = torch.zeros(2, device=setup.device)  # summed loss, windows
+    model.eval()
+    for batch in starts[distributed.rank()::distributed.world_size()].split(cfg.batch_size):
+        windows = data[batch[:, None] + offsets].to(setup.device)
+        with setup.autocast():
+            _, loss = model(windows[:, :-1], windows[:, 1:])
+        totals[0] += loss.float() * len(batch)
+        totals[1] += len(batch)
+    model.train()
+    totals = distributed.mean_over_ranks(totals)  # a ratio of means is the ratio of sums
+    return (totals[0] / totals[1]).item()
+
+
+def full_split_windows(setup: Setup) -> int:
+    return (len(setup.splits.val) - 1) // setup.config.model.block_size
 
 
 def write_checkpoints(run: RunPaths, state: TrainingState, setup: Setup,
@@ -414,9 +494,10 @@ def report(run: RunPaths, state: TrainingState, setup: Setup) -> None:
     """The script's final user-facing output: a sample, the final losses and the run folder."""
     sample = sample_text(state.model, setup, setup.config.train.sample_tokens)
     print(f"--- sample ---\n{sample}\n--------------")
-    if state.last_losses:
-        print(f"final train loss {state.last_losses['train']:.4f}, "
-              f"val loss {state.last_losses['val']:.4f}")
+    losses = state.last_losses
+    if losses:
+        full = f", full-split val loss {losses['val_full']:.4f}" if "val_full" in losses else ""
+        print(f"final train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{full}")
     print(f"run folder: {run.root}")
     print(f"generate more: python inference.py --run {run.root}")
 
@@ -440,39 +521,6 @@ def log_histograms(model: torch.nn.Module, tracker: Tracker, step: int) -> None:
     tensors = {f"params/{name}": p for name, p in named}
     tensors.update({f"grads/{name}": p.grad for name, p in named if p.grad is not None})
     tracker.log_distributions(tensors, step)
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step`: linear warmup, cosine decay, then min_lr."""
-    if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
-    if step >= cfg.decay_end_step:
-        return cfg.min_lr
-    progress = (step - cfg.warmup_iters) / max(1, cfg.decay_end_step - cfg.warmup_iters)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0 over the decay
-    return cfg.min_lr + cosine * (cfg.learning_rate - cfg.min_lr)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
-    """AdamW that decays weight matrices and embeddings, never biases or LayerNorm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type in ("cuda", "cpu", "mps"))
-
-
-def step_unless_nonfinite(optimizer: torch.optim.Optimizer, is_finite: torch.Tensor) -> None:
-    """Apply the update only if is_finite, deciding on the device when the optimizer can."""
-    if optimizer.defaults.get("fused"):
-        # fused Adam(W) skips its whole update (moments, decay, step count) on the device when
-        # found_inf is non-zero: the hook GradScaler uses, so the host never waits
-        optimizer.found_inf = (~is_finite).float()
-        optimizer.step()
-    elif bool(is_finite):  # the one host-device sync, for optimizers without that hook
-        optimizer.step()
 
 
 def seed_everything(seed: int) -> None:

@@ -1,85 +1,120 @@
-"""Wall-clock for the GPU preset to reach a val loss target, measured on the whole val split.
-
-train.py's own setup and training step with the preset's config; every --check-interval steps
-the loss over every non-overlapping block_size window of the validation split (not a sample of
-random batches) is computed, and the training time (evaluation excluded) at the first check at
-or below the target is reported.
+"""Recipes raced at equal wall-clock: each trains with train.py itself under the same
+--time-budget, and is judged by its full-split val loss (every non-overlapping window of the
+val split). The classic preset (nanoGPT's recipe) always runs in the same bench, so two figures
+from one run compare, not two from two days.
 
 Usage: python bench/time_to_quality.py --data-path ../shared/data/tinyshakespeare.txt
-       [--target 1.47] [--compile]
+           [--time-budget 240] [--recipes default classic] [--ablations] [--markdown]
+
+--ablations adds a row per lever: the lever alone on top of classic, and the default with that
+lever set back to classic's value. Runs go one after another: each has the machine to itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+CLASSIC = ["--config", str(ROOT / "configs" / "presets" / "classic.yaml")]
+RECIPES = {
+    "default": [],
+    "classic": CLASSIC,
+    "gpu": ["--config", str(ROOT / "configs" / "presets" / "gpu.yaml")],
+}
+# each lever: (flags that turn it on, flags that set it back to classic's value)
+LEVERS = {
+    "rope": (["--position", "rope"], ["--position", "learned"]),
+    "rmsnorm": (["--norm", "rmsnorm"], ["--norm", "layernorm"]),
+    "embedding_norm": (["--embedding-norm"], ["--no-embedding-norm"]),
+    "qk_norm": (["--qk-norm"], ["--no-qk-norm"]),
+    "relu2": (["--mlp", "relu2"], ["--mlp", "gelu"]),
+    "untied_head": (["--no-tie-embeddings"], ["--tie-embeddings"]),
+    "softcap": (["--logit-softcap", "15"], ["--logit-softcap", "none"]),
+    "zero_init": (["--zero-init-projections"], ["--no-zero-init-projections"]),
+    "muon": (["--optimizer", "muon"], ["--optimizer", "adamw"]),
+    "wsd": (["--schedule", "wsd", "--min-lr", "0"], ["--schedule", "cosine", "--min-lr", "3e-4"]),
+    "adamw_3e-3_0.8_0.95_no_wd": (
+        ["--learning-rate", "3e-3", "--min-lr", "3e-4", "--beta1", "0.8", "--beta2", "0.95",
+         "--weight-decay", "0"],
+        ["--learning-rate", "1e-3", "--min-lr", "0", "--beta1", "0.9", "--beta2", "0.99",
+         "--weight-decay", "0.1"]),
+    "batch_16x128": (["--batch-size", "16", "--block-size", "128"],
+                     ["--batch-size", "12", "--block-size", "64"]),
+}
+FULL_LOSS = re.compile(r"full-split val loss (\d+\.\d+)")
 
-import train  # noqa: E402
-from utils.device import synchronize  # noqa: E402
-from utils.setup import Setup, setup_from_flags  # noqa: E402
 
-PRESET = Path(__file__).resolve().parent.parent / "configs" / "presets" / "gpu.yaml"
+def run_recipe(name: str, flags: list[str], args: argparse.Namespace, runs_dir: Path) -> dict:
+    command = [sys.executable, str(ROOT / "train.py"), *flags, "--data-path", args.data_path,
+               "--time-budget", str(args.time_budget), "--runs-dir", str(runs_dir),
+               "--run-tag", re.sub(r"[^A-Za-z0-9._-]", "_", name), "--checkpoint-interval",
+               "none"]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - start
+    match = FULL_LOSS.search(result.stdout)
+    if result.returncode != 0 or match is None:
+        raise SystemExit(f"{name} failed ({result.returncode}): {result.stderr[-2000:]}")
+    run_dir = max(runs_dir.iterdir(), key=lambda p: p.stat().st_mtime)
+    saved = json.loads((run_dir / "meta" / "full_config.json").read_text())
+    calibration = re.search(r"time budget .*", result.stderr)
+    return {"recipe": name, "full_val_loss": float(match.group(1)), "wall_s": wall,
+            "steps": saved["train"]["max_iters"], "flags": " ".join(flags),
+            "calibration": calibration.group(0) if calibration else ""}
 
 
-@torch.no_grad()
-def full_split_loss(model, setup: Setup, batch_size: int = 128) -> float:
-    """Mean next-character loss over all non-overlapping windows of the val split."""
-    data, block_size = setup.splits.val, setup.config.model.block_size
-    model.eval()
-    n_windows = (len(data) - 1) // block_size
-    starts = torch.arange(n_windows) * block_size
-    offsets = torch.arange(block_size + 1)
-    total, count = 0.0, 0
-    for batch_starts in starts.split(batch_size):
-        windows = data[batch_starts[:, None] + offsets].to(setup.device)
-        with setup.autocast():
-            _, loss = model(windows[:, :-1], windows[:, 1:])
-        total += loss.item() * len(batch_starts)
-        count += len(batch_starts)
-    model.train()
-    return total / count
+def recipes_to_run(args: argparse.Namespace) -> dict[str, list[str]]:
+    chosen = {name: RECIPES[name] for name in args.recipes}
+    chosen.setdefault("classic", CLASSIC)  # the anchor is always in the same bench
+    for extra in args.extra:
+        name, _, flags = extra.partition("=")
+        chosen[name] = flags.split()
+    if args.ablations:
+        for lever, (on, off) in LEVERS.items():
+            chosen[f"classic + {lever}"] = CLASSIC + on
+            chosen[f"default - {lever}"] = off
+    return chosen
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-path", required=True)
-    parser.add_argument("--target", type=float, default=1.47)
-    parser.add_argument("--check-interval", type=int, default=250)
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--data-path", default=str(ROOT / "input.txt"))
+    parser.add_argument("--time-budget", default="240")
+    parser.add_argument("--recipes", nargs="+", default=["default", "classic"],
+                        choices=sorted(RECIPES))
+    parser.add_argument("--ablations", action="store_true")
+    parser.add_argument("--markdown", action="store_true", help="print a BENCHMARKS.md table")
+    parser.add_argument("--verbose", action="store_true", help="show each run's calibration")
+    parser.add_argument("--extra", nargs="*", default=[], metavar="NAME=FLAGS",
+                        help="more recipes, e.g. 'fast=--muon-lr 0.04' (flags over the default)")
     args = parser.parse_args()
-    flags = ["--config", str(PRESET), "--data-path", args.data_path]
-    flags += ["--compile"] if args.compile else []
-    setup = setup_from_flags(flags)
-    state = train.init_state(setup)
-    cfg, device = setup.config.train, setup.device
-    name = torch.cuda.get_device_name() if device.type == "cuda" else str(device)
-    print(f"# {time.strftime('%Y-%m-%d')}, {name}, torch {torch.__version__}, dtype "
-          f"{setup.dtype_name}, compile {cfg.compile}; val split {len(setup.splits.val):,} "
-          f"characters, target {args.target}")
-    print("| step | training s | full val loss |\n|---|---|---|")
-    trained_s = 0.0
-    while state.step < cfg.max_iters:
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(args.check_interval):
-            train.optimizer_step(state, setup)
-            state.scheduler.step()
-            state.step += 1
-        synchronize(device)
-        trained_s += time.perf_counter() - start
-        val = full_split_loss(state.step_model, setup)
-        print(f"| {state.step} | {trained_s:.1f} | {val:.4f} |", flush=True)
-        if val <= args.target:
-            print(f"reached val loss {val:.4f} <= {args.target} at step {state.step} after "
-                  f"{trained_s:.1f} s of training")
-            return
-    print(f"did not reach {args.target} in {cfg.max_iters} steps ({trained_s:.1f} s)")
+    print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"{Path(args.data_path).name}, time budget {args.time_budget}s", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as runs_dir:
+        for name, flags in recipes_to_run(args).items():
+            row = run_recipe(name, flags, args, Path(runs_dir))
+            rows.append(row)
+            print(f"{name:40s} full-split val {row['full_val_loss']:.4f}  "
+                  f"{row['steps']:5d} steps  {row['wall_s']:6.1f}s", flush=True)
+            if args.verbose:
+                print(f"    {row['calibration']}", flush=True)
+    if args.markdown:
+        print("\n| recipe | full-split val loss | steps | wall-clock (s) |\n|---|---|---|---|")
+        for row in rows:
+            print(f"| {row['recipe']} | {row['full_val_loss']:.4f} | {row['steps']} | "
+                  f"{row['wall_s']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data import BatchSampler, split_ids
-from model import LanguageModel, ModelConfig
+from model import CLASSIC_ARCHITECTURE, LanguageModel, ModelConfig
 from tokenizer import CharTokenizer
 from utils.checkpoint import TrainingState
 from utils.config import Config, TrainConfig
@@ -25,10 +25,28 @@ def tiny_config() -> ModelConfig:
     return ModelConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
 
+# every architecture option away from the default, one at a time, and the GPT-2 layout
+OPTION_SETS = {
+    "default": {},
+    "classic": CLASSIC_ARCHITECTURE,
+    **{f"{name}={value}": {name: value} for name, value in CLASSIC_ARCHITECTURE.items()},
+    "layernorm-with-bias": {"norm": "layernorm", "bias": True},
+}
+
+
+def randomised(model: LanguageModel, seed: int = 0) -> LanguageModel:
+    """The model with every parameter drawn at random: zero-initialised layers would
+    otherwise hide what a test looks for."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return model
+
+
 @pytest.fixture
 def tiny_model(tiny_config: ModelConfig) -> LanguageModel:
-    torch.manual_seed(0)
-    return LanguageModel(tiny_config).eval()
+    return randomised(LanguageModel(tiny_config)).eval()
 
 
 @pytest.fixture

@@ -29,7 +29,30 @@ def test_the_dataclass_defaults_are_the_default_run(tmp_path):
         ConfigLoader(cwd=tmp_path, environ={}).build_parser().parse_args([]))
     assert config.train == TrainConfig()
     assert config.model == ModelConfig()
-    assert (config.model.n_layer, config.model.n_embd, config.train.batch_size) == (4, 128, 32)
+    assert (config.model.n_layer, config.model.n_embd, config.train.batch_size) == (4, 128, 16)
+    assert config.train.time_budget == 240.0
+
+
+def test_max_iters_at_a_higher_layer_switches_the_default_budget_off(tmp_path):
+    loader = make_loader(tmp_path, config_json={})
+    assert load(loader).train.time_budget == 240.0
+    config = load(loader, "--max-iters", "200")
+    assert (config.train.max_iters, config.train.time_budget) == (200, None)
+    preset = tmp_path / "budget.yaml"
+    preset.write_text("max_iters: 50\n")
+    config = load(loader, "--config", str(preset), "--time-budget", "5m")
+    assert config.train.time_budget == 300.0  # the flag is above the file
+    assert load(loader, "--time-budget", "1.5h").train.time_budget == 5400.0
+
+
+def test_max_iters_and_a_budget_on_one_layer_is_an_error_naming_both(tmp_path):
+    loader = make_loader(tmp_path, config_json={})
+    with pytest.raises(ConfigError, match="--max-iters and --time-budget both say how long"):
+        load(loader, "--max-iters", "10", "--time-budget", "60")
+    assert load(loader, "--max-iters", "10", "--time-budget", "none").train.max_iters == 10
+    with pytest.raises(ConfigError, match=r"time_budget: expected a duration such as 300, "
+                                          r"300s or 5m or none, got '5 minutes'"):
+        load(loader, "--time-budget", "5 minutes")
 
 
 def test_a_config_file_overrides_dataclass_defaults(tmp_path):
@@ -131,7 +154,7 @@ def test_unparseable_and_missing_config_files_are_reported(tmp_path):
 def test_help_lists_every_flag_with_its_configured_default():
     result = run_script("train.py", "--help")
     assert result.returncode == 0
-    for flag, default in (("--batch-size", "32"), ("--n-layer", "4"), ("--learning-rate", "0.002"),
+    for flag, default in (("--batch-size", "16"), ("--n-layer", "4"), ("--learning-rate", "0.003"),
                           ("--grad-clip", "1.0"), ("--compile", "False"), ("--run-tag", "run")):
         entry = result.stdout[result.stdout.index(f"\n  {flag}"):].split("\n  --")[1]
         assert f"(default: {default})" in " ".join(entry.split()), flag
@@ -146,3 +169,25 @@ def test_bad_value_on_the_command_line_exits_2_with_one_line_and_no_run(tmp_path
         "n_head=5 from --n-head)"
     ]
     assert not runs.exists()
+
+
+def test_a_resumed_run_keeps_its_resolved_max_iters(tmp_path):
+    loader = make_loader(tmp_path, config_json={})
+    saved = {"model": {}, "train": {"max_iters": 77, "time_budget": 4.0}}
+    config = loader.load_for_resume(saved, loader.build_parser().parse_args([]))
+    assert (config.train.max_iters, config.train.time_budget) == (77, 4.0)
+    longer = loader.load_for_resume(saved, loader.build_parser().parse_args(
+        ["--max-iters", "100"]))
+    assert (longer.train.max_iters, longer.train.time_budget) == (100, None)
+    with pytest.raises(ConfigError, match="cannot set time_budget when resuming .* became "
+                                          "max_iters=77 when it started; pass --max-iters"):
+        loader.load_for_resume(saved, loader.build_parser().parse_args(["--time-budget", "9"]))
+
+
+def test_a_run_saved_before_the_new_options_resumes_as_it_trained(tmp_path):
+    loader = make_loader(tmp_path, config_json={})
+    saved = {"model": {"n_layer": 1}, "train": {"max_iters": 30}}
+    config = loader.load_for_resume(saved, loader.build_parser().parse_args([]))
+    assert (config.model.position, config.model.tie_embeddings) == ("learned", True)
+    assert (config.train.optimizer, config.train.schedule) == ("adamw", "cosine")
+    assert (config.train.max_iters, config.train.time_budget) == (30, None)

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 import inference
 from inference import StopFilter
 from model import LanguageModel, ModelConfig
+from tests.conftest import randomised
 from tokenizer import CharTokenizer
 from utils.checkpoint import save_export, weights_of
 from utils.runs import create_run
@@ -24,9 +25,8 @@ def exported_run(tmp_path: Path) -> Path:
     tokenizer = CharTokenizer.from_text(VOCAB)
     config = ModelConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2,
                          n_embd=16, dropout=0.0)
-    torch.manual_seed(0)
     run = create_run(tmp_path / "runs", "infer")
-    save_export(run.export, LanguageModel(config), tokenizer)
+    save_export(run.export, randomised(LanguageModel(config)), tokenizer)
     return run.root
 
 

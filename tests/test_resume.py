@@ -340,6 +340,23 @@ def test_bad_resume_gets_one_line_and_exit_2(finished_run, tmp_path, capsys, cas
         assert sorted(p.name for p in finished_run.rglob("*")) == before  # nothing written
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_from_an_earlier_checkpoint_is_bit_exact(tmp_path, capsys, optimizer):
+    """Every optimizer's state (AdamW's moments, Muon's momentum) is in the checkpoint."""
+    runs = tmp_path / "runs"
+    code, _, err = run_in_process(capsys, *TINY, "--optimizer", optimizer, "--max-iters", "60",
+                                  "--checkpoint-interval", "20", "--runs-dir", str(runs))
+    assert code == 0, err
+    (run_dir,) = runs.iterdir()
+    uninterrupted = final_weights(run_dir)
+    checkpoints = run_dir / "artifacts" / "checkpoints"
+    os.replace(checkpoints / "step_20.safetensors", checkpoints / "last.safetensors")
+    code, _, err = run_in_process(capsys, "--resume", str(run_dir))
+    assert code == 0, err
+    assert "resuming" in err and "at step 20" in err
+    assert_bit_identical(final_weights(run_dir), uninterrupted)
+
+
 def test_resume_may_extend_a_finished_run(finished_run, capsys):
     code, _, err = run_in_process(capsys, "--resume", str(finished_run), "--max-iters", "60")
     assert code == 0, err

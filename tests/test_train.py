@@ -15,11 +15,14 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import train
 from model import LanguageModel, ModelConfig
-from tests.conftest import PROJECT_ROOT, cpu_setup, run_script, state_for
-from train import build_optimizer, estimate_loss, lr_at, optimizer_step
+from tests.conftest import OPTION_SETS, PROJECT_ROOT, cpu_setup, run_script, state_for
+from train import estimate_loss, full_split_loss, optimizer_step
+from utils.budget import SAFETY_MARGIN, Timings, steps_within
 from utils.checkpoint import load_export
 from utils.config import TrainConfig
+from utils.optimizers import MuonWithAdamW, build_optimizer, lr_at, lr_factor
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "48", "--block-size", "32",
         "--batch-size", "16", "--eval-iters", "10", "--sample-tokens", "50", "--device", "cpu"]
@@ -91,12 +94,91 @@ def test_ctrl_c_stops_training_and_still_exports(tmp_path):
 
 
 def test_lr_warms_up_then_decays_to_min_lr():
-    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    cfg = TrainConfig(schedule="cosine", learning_rate=1.0, min_lr=0.1, warmup_iters=10,
+                      max_iters=110)
     warmup = [lr_at(s, cfg) for s in range(10)]
     assert warmup == sorted(warmup) and warmup[-1] < 1.0
     assert lr_at(10, cfg) == pytest.approx(1.0)
     assert lr_at(60, cfg) == pytest.approx(0.55)  # halfway through the cosine
     assert lr_at(110, cfg) == lr_at(500, cfg) == pytest.approx(0.1)
+
+
+def test_wsd_warms_up_holds_then_decays_linearly_over_the_last_fraction():
+    cfg = TrainConfig(schedule="wsd", learning_rate=1.0, min_lr=0.1, warmup_iters=10,
+                      max_iters=110, decay_fraction=0.4)  # decay over steps 66..110
+    assert lr_factor(5, cfg) < 1.0
+    assert lr_factor(10, cfg) == lr_factor(65, cfg) == lr_factor(66, cfg) == 1.0
+    assert lr_factor(88, cfg) == pytest.approx(0.55)  # halfway down the linear decay
+    assert lr_factor(110, cfg) == lr_factor(200, cfg) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+def test_every_option_trains_and_the_loss_falls(tiny_config, options, optimizer):
+    config = ModelConfig(**{**vars(tiny_config), **options})
+    cfg = TrainConfig(optimizer=optimizer, batch_size=8, max_iters=40, warmup_iters=5)
+    setup = cpu_setup(config, cfg)
+    state = train.init_state(setup)
+    losses = []
+    for _ in range(cfg.max_iters):
+        losses.append(optimizer_step(state, setup).loss.item())
+        state.scheduler.step()
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest(tiny_config):
+    model = LanguageModel(tiny_config)
+    optimizer = build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    assert isinstance(optimizer, MuonWithAdamW)
+    muon, adamw = optimizer.parts
+    names = {id(p): name for name, p in model.named_parameters()}
+    in_muon = {names[id(p)] for group in muon.param_groups for p in group["params"]}
+    in_adamw = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
+    assert in_muon == {n for n in names.values() if n.startswith("blocks.") and
+                       n.endswith("weight") and "ln_" not in n}
+    assert in_adamw == set(names.values()) - in_muon
+    assert {"token_embedding.weight", "lm_head.weight"} <= in_adamw
+
+
+def test_full_split_loss_averages_every_non_overlapping_window(tiny_config):
+    setup = cpu_setup(tiny_config, TrainConfig(batch_size=3),
+                      ids=torch.randint(tiny_config.vocab_size, (2000,)))
+    model = LanguageModel(tiny_config)
+    val, block = setup.splits.val, tiny_config.block_size
+    windows = [(val[i:i + block], val[i + 1:i + block + 1])
+               for i in range(0, len(val) - block, block)]
+    expected = sum(model(x[None], y[None])[1].item() for x, y in windows) / len(windows)
+    assert full_split_loss(model, setup) == pytest.approx(expected, abs=1e-5)
+
+
+def test_the_budget_fits_steps_evaluations_and_the_end():
+    timings = Timings(step=0.1, evaluation=2.0, end=3.0)
+    steps = steps_within(100.0, timings, eval_interval=50)
+    evaluations = math.ceil(steps / 50)
+    spent = steps * 0.1 + evaluations * 2.0 + 3.0
+    usable = 100.0 * (1 - SAFETY_MARGIN)
+    assert spent <= usable < spent + 0.1 + 2.0 + 1e-9  # one more step would not fit
+
+
+def test_a_time_budget_becomes_a_recorded_max_iters_that_repeats_the_run(tmp_path):
+    runs = tmp_path / "runs"
+    budgeted = run_script("train.py", *TINY, "--time-budget", "4", "--eval-interval", "20",
+                          "--runs-dir", str(runs / "budget"))
+    assert budgeted.returncode == 0, budgeted.stderr
+    max_iters = int(re.search(r"max_iters=(\d+) \(--max-iters \1 repeats", budgeted.stderr)
+                    .group(1))
+    (run_dir,) = (runs / "budget").iterdir()
+    saved = json.loads((run_dir / "meta" / "full_config.json").read_text())["train"]
+    assert (saved["max_iters"], saved["time_budget"]) == (max_iters, 4.0)
+    assert f"finished {max_iters} steps" in budgeted.stderr
+
+    repeated = run_script("train.py", *TINY, "--max-iters", str(max_iters),
+                          "--eval-interval", "20", "--runs-dir", str(runs / "steps"))
+    assert repeated.returncode == 0, repeated.stderr
+    (repeat_dir,) = (runs / "steps").iterdir()
+    for name in ("model.safetensors",):
+        first = (run_dir / "artifacts" / "export" / name).read_bytes()
+        assert first == (repeat_dir / "artifacts" / "export" / name).read_bytes()
 
 
 class FixedBatches:
@@ -129,7 +211,8 @@ def test_grad_accumulation_matches_one_large_batch():
 def test_weight_decay_applies_to_matrices_only():
     model = LanguageModel(ModelConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=4,
                                       bias=True))
-    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.3), torch.device("cpu"))
+    optimizer = build_optimizer(model, TrainConfig(optimizer="adamw", weight_decay=0.3),
+                                torch.device("cpu"))
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.3 and plain["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decayed["params"])

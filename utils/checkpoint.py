@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from data import BatchSampler
-from model import LanguageModel, ModelConfig
+from model import CLASSIC_ARCHITECTURE, LanguageModel, ModelConfig
 from tokenizer import CharTokenizer
 from utils.config import Config
 from utils.errors import TrainingFailure, UserError
@@ -136,7 +136,7 @@ def _read_json(path: Path) -> Any:
 def _model_config(values: Any, source: Path) -> ModelConfig:
     """The ModelConfig saved in source, or a CheckpointError if it does not make one."""
     try:
-        return ModelConfig(**values)
+        return ModelConfig.from_saved(values)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"cannot read the model config in {source}: {error}") from None
 
@@ -355,7 +355,7 @@ def restore_checkpoint(
             f"{config.train.data_path} no longer has the characters checkpoint {path} was "
             "trained on; resume with the original text"
         )
-    saved_model = meta["model_config"]
+    saved_model = {**CLASSIC_ARCHITECTURE, **meta["model_config"]}  # see from_saved
     current_model = dataclasses.asdict(config.model)
     differing = [k for k in current_model if saved_model.get(k) != current_model[k]]
     if differing:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from model import ConfigFieldError, ModelConfig
+from model import CLASSIC_ARCHITECTURE, ConfigFieldError, ModelConfig
 from utils.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +32,10 @@ ENV_PREFIX = "CHARGPT_"
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = typing.get_args(DType)
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DURATION_PATTERN = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(s|m|h)?", re.IGNORECASE)
+SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600}
+# two ways to say how long to train: the one set at the higher config layer wins
+LENGTH_FIELDS = ("max_iters", "time_budget")
 RUN_TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -43,6 +47,16 @@ def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
 
+def parse_duration(raw: Any) -> float:
+    """Seconds from a number of seconds or text such as 300, 300s, 5m or 1.5h."""
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return float(raw)
+    match = DURATION_PATTERN.fullmatch(raw.strip()) if isinstance(raw, str) else None
+    if match is None:
+        raise ValueError(f"not a duration: {raw!r}")
+    return float(match.group(1)) * SECONDS_PER_UNIT[(match.group(2) or "s").lower()]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train. The defaults are the default run (`python train.py`, `make train`)."""
@@ -51,29 +65,62 @@ class TrainConfig:
     train_split: float = field(
         default=0.9, metadata=_help("fraction of the text used for training; the rest validates")
     )
-    batch_size: int = field(default=32, metadata=_help("sequences per micro-batch, per process"))
+    batch_size: int = field(default=16, metadata=_help("sequences per micro-batch, per process"))
     grad_accum_steps: int = field(
         default=1, metadata=_help("micro-batches per optimizer step, per process "
                                    "(the global batch is batch_size x this x processes)")
     )
-    max_iters: int = field(default=1000, metadata=_help("optimizer steps to train for"))
-    learning_rate: float = field(default=2e-3, metadata=_help("peak learning rate"))
-    min_lr: float = field(default=2e-4, metadata=_help("learning rate at the end of the decay"))
-    warmup_iters: int = field(default=100, metadata=_help("steps of linear warmup from 0"))
+    max_iters: int = field(
+        default=2000, metadata=_help("optimizer steps to train for; the default run sets them "
+                                     "from --time-budget instead")
+    )
+    time_budget: float | None = field(
+        default=240.0, metadata={
+            "help": "seconds (or 5m, 1h) for training, evaluations included: a short "
+                    "calibration sets max_iters to fit; none = train max_iters steps",
+            "parse": parse_duration, "type": "a duration such as 300, 300s or 5m"}
+    )
+    optimizer: Literal["adamw", "muon"] = field(
+        default="muon", metadata=_help("adamw for every parameter, or muon for the blocks' "
+                                       "weight matrices and AdamW for the rest")
+    )
+    learning_rate: float = field(default=3e-3, metadata=_help("AdamW's peak learning rate"))
+    min_lr: float = field(
+        default=0.0, metadata=_help("AdamW's learning rate at the end of the decay; every "
+                                    "group ends at the same fraction of its peak")
+    )
+    muon_lr: float = field(default=0.02, metadata=_help("Muon's peak learning rate"))
+    muon_momentum: float = field(default=0.95, metadata=_help("Muon's momentum"))
+    muon_weight_decay: float = field(
+        default=0.0, metadata=_help("Muon's decoupled weight decay")
+    )
+    schedule: Literal["cosine", "wsd"] = field(
+        default="wsd", metadata=_help("after warmup: cosine decay to min_lr, or wsd: constant, "
+                                      "then linear decay over the last decay_fraction")
+    )
+    decay_fraction: float = field(
+        default=0.4, metadata=_help("wsd: the fraction of the steps spent decaying")
+    )
+    warmup_iters: int = field(default=20, metadata=_help("steps of linear warmup from 0"))
     lr_decay_iters: int | None = field(
-        default=None, metadata=_help("step where cosine decay reaches min_lr; none = max_iters")
+        default=None, metadata=_help("step where the decay reaches min_lr; none = max_iters")
     )
     weight_decay: float = field(
-        default=0.1, metadata=_help("AdamW weight decay, applied to weight matrices only")
+        default=0.0, metadata=_help("AdamW weight decay, applied to its weight matrices and "
+                                    "embeddings only")
     )
-    beta1: float = field(default=0.9, metadata=_help("AdamW beta1"))
-    beta2: float = field(default=0.99, metadata=_help("AdamW beta2"))
+    beta1: float = field(default=0.8, metadata=_help("AdamW beta1"))
+    beta2: float = field(default=0.95, metadata=_help("AdamW beta2"))
     grad_clip: float | None = field(
         default=1.0, metadata=_help("max global gradient norm; none = no clipping")
     )
-    eval_interval: int = field(default=250, metadata=_help("steps between evaluations"))
+    eval_interval: int = field(default=500, metadata=_help("steps between evaluations"))
     eval_iters: int = field(
-        default=50, metadata=_help("batches per split averaged by each evaluation")
+        default=20, metadata=_help("batches per split averaged by each evaluation")
+    )
+    eval_full: bool = field(
+        default=False, metadata=_help("evaluations score every non-overlapping window of the "
+                                      "val split instead of eval_iters random batches")
     )
     log_interval: int = field(default=10, metadata=_help("steps between train-loss logs"))
     sample_tokens: int = field(
@@ -158,8 +205,15 @@ class TrainConfig:
             raise ConfigFieldError("max_nonfinite_steps must be at least 1", "max_nonfinite_steps")
         if self.min_delta < 0:
             raise ConfigFieldError("min_delta must be >= 0", "min_delta")
-        if self.weight_decay < 0:
-            raise ConfigFieldError("weight_decay must be >= 0", "weight_decay")
+        for name in ("weight_decay", "muon_weight_decay", "muon_momentum"):
+            if getattr(self, name) < 0:
+                raise ConfigFieldError(f"{name} must be >= 0", name)
+        if self.muon_lr <= 0:
+            raise ConfigFieldError("muon_lr must be > 0", "muon_lr")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigFieldError("decay_fraction must be in (0, 1]", "decay_fraction")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ConfigFieldError("time_budget must be > 0 seconds (or none)", "time_budget")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigFieldError(f"{name} must be in [0, 1)", name)
@@ -204,8 +258,16 @@ RESUMABLE_FIELDS = frozenset({
     "max_iters", "eval_interval", "eval_iters", "log_interval", "sample_tokens",
     "histogram_interval", "checkpoint_interval", "keep_checkpoints", "max_nonfinite_steps",
     "patience", "min_delta", "aim_logging", "aim_repo", "device", "compile", "runs_dir",
-    "peak_flops", "num_threads",
+    "peak_flops", "num_threads", "eval_full",
+    # resolved to max_iters when the run started; --max-iters on a resume switches it off
+    "time_budget",
 })
+
+# What a run saved before these settings existed trained with: the GPT-2 layout, AdamW and a
+# cosine schedule for max_iters steps
+SETTINGS_BEFORE_OPTIONS: dict[str, Any] = {
+    **CLASSIC_ARCHITECTURE, "optimizer": "adamw", "schedule": "cosine", "time_budget": None,
+}
 
 # Keys a user may set. vocab_size is not among them: it always comes from the tokenizer.
 _SECTIONS: dict[str, type] = {
@@ -221,6 +283,7 @@ class _Layer:
     source: str
     values: Mapping[str, Any]
     from_text: bool
+    saved_run: bool = False  # a run's saved config: its max_iters was resolved from its budget
 
 
 class ConfigLoader:
@@ -268,10 +331,21 @@ class ConfigLoader:
                         only_resumable_changes: bool = True) -> Config:
         """The saved config of a run, with --config, env vars and flags applied over it; when
         resuming training only RESUMABLE_FIELDS may change."""
-        saved_values = {k: v for section in saved.values() for k, v in section.items()
-                        if k in _SECTIONS}
-        saved_layer = _Layer("the run's saved config", saved_values, from_text=False)
-        merged = self._merge([saved_layer, *self._user_layers(args)])
+        saved_values = {**SETTINGS_BEFORE_OPTIONS}
+        saved_values.update({k: v for section in saved.values() for k, v in section.items()
+                             if k in _SECTIONS})
+        saved_layer = _Layer("the run's saved config", saved_values, from_text=False,
+                             saved_run=True)
+        user_layers = self._user_layers(args)
+        for layer in user_layers:
+            if layer.values.get("time_budget") is not None:
+                where = _describe_source(layer, "time_budget")
+                raise ConfigError(
+                    f"cannot set time_budget when resuming ({where}): the run's budget became "
+                    f"max_iters={saved_values.get('max_iters')} when it started; pass "
+                    "--max-iters to train longer"
+                )
+        merged = self._merge([saved_layer, *user_layers])
         for key, (value, source) in merged.items():
             changed = value != saved_values.get(key, value)
             if only_resumable_changes and changed and key not in RESUMABLE_FIELDS:
@@ -337,6 +411,7 @@ class ConfigLoader:
                 if key not in _SECTIONS:
                     raise ConfigError(f"unknown config key '{key}' in {source}{_suggest(key)}")
                 merged[key] = (_coerce(key, raw, layer.from_text, source), source)
+        _settle_length(layers, merged)
         return merged
 
 
@@ -352,6 +427,24 @@ class ArgumentParser(argparse.ArgumentParser):
             hint = f"; did you mean {close[0]}?" if close else "; see --help"
             raise ConfigError(f"unknown flag {flag}{hint}")
         raise ConfigError(f"{message}; see --help")
+
+
+def _settle_length(layers: Sequence[_Layer], merged: dict[str, tuple[Any, str]]) -> None:
+    """max_iters and time_budget are two ways to say how long to train: the highest layer that
+    sets either decides, so --max-iters 200 over a budget trains exactly 200 steps."""
+    for layer in reversed(layers):
+        sets = [key for key in LENGTH_FIELDS if key in layer.values]
+        if sets == ["max_iters"]:
+            merged["time_budget"] = (None, _describe_source(layer, "max_iters"))
+        both_active = len(sets) == 2 and merged["time_budget"][0] is not None
+        if both_active and not layer.saved_run:
+            sources = " and ".join(_describe_source(layer, key) for key in LENGTH_FIELDS)
+            raise ConfigError(
+                f"{sources} both say how long to train (max_iters, time_budget); set one of "
+                "them, or time_budget: none to train max_iters steps"
+            )
+        if sets:
+            return
 
 
 def _describe_source(layer: _Layer, key: str) -> str:
@@ -371,22 +464,30 @@ def _field_type(name: str) -> Any:
     return typing.get_type_hints(_SECTIONS[name])[name]
 
 
+def _field_spec(name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(_SECTIONS[name]) if f.name == name)
+
+
 def _coerce(key: str, raw: Any, from_text: bool, source: str) -> Any:
     """raw as the field's type; text from env vars and flags is parsed, file values checked."""
     annotation = _field_type(key)
     args = typing.get_args(annotation)
     optional = type(None) in args  # `X | None`; a Literal's args are its choices, never None
     base = next(a for a in args if a is not type(None)) if optional else annotation
-    if from_text and isinstance(raw, str) and optional and raw.strip().lower() in ("none", "null"):
+    if isinstance(raw, str) and optional and raw.strip().lower() in ("none", "null"):
         return None
     if raw is None and optional:
         return None
+    spec = _field_spec(key)
     try:
+        if "parse" in spec.metadata:
+            return spec.metadata["parse"](raw)
         return _as_type(base, raw, from_text)
     except ValueError:
-        raise ConfigError(
-            f"{key}: expected {_describe_type(annotation)}, got {raw!r} (from {source})"
-        ) from None
+        expected = spec.metadata.get("type") or _describe_type(annotation)
+        if "type" in spec.metadata and optional:
+            expected += " or none"
+        raise ConfigError(f"{key}: expected {expected}, got {raw!r} (from {source})") from None
 
 
 def _as_type(base: Any, raw: Any, from_text: bool) -> Any:
@@ -433,6 +534,8 @@ def _describe_type(annotation: Any) -> str:
 
 
 def _metavar(name: str) -> str:
+    if "parse" in _field_spec(name).metadata:
+        return "SECONDS"
     annotation = _field_type(name)
     if typing.get_origin(annotation) is Literal:
         return "{" + ",".join(typing.get_args(annotation)) + "}"

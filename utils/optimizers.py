@@ -1,0 +1,114 @@
+"""The optimizer and the learning-rate schedule a TrainConfig asks for.
+
+    optimizer = build_optimizer(model, cfg, device)    # AdamW, or Muon + AdamW as one
+    scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+With optimizer=muon, torch.optim.Muon takes the 2-D weight matrices inside the blocks and AdamW
+the rest (embeddings, head, gains, biases): Muon orthogonalises each matrix's update, which only
+makes sense for a hidden layer's weights. Every group follows one schedule: its peak learning
+rate times lr_factor(step).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from utils.config import TrainConfig
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (decaying matrices and embeddings, never biases or gains) for every parameter, or
+    Muon for the blocks' weight matrices and that AdamW for the rest."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    use_muon = cfg.optimizer == "muon"
+    hidden = [p for name, p in named if use_muon and is_hidden_matrix(name, p)]
+    hidden_ids = {id(p) for p in hidden}
+    rest = [p for _, p in named if id(p) not in hidden_ids]
+    adamw = torch.optim.AdamW(
+        [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+        lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+        fused=device.type in ("cuda", "cpu", "mps"))
+    if not use_muon:
+        return adamw
+    muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                            weight_decay=cfg.muon_weight_decay)
+    return MuonWithAdamW(muon, adamw)
+
+
+def is_hidden_matrix(name: str, param: torch.nn.Parameter) -> bool:
+    """A weight matrix inside a transformer block: what Muon updates."""
+    return name.startswith("blocks.") and param.dim() == 2
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon and AdamW stepped as one optimizer, so the scheduler, GradScaler, checkpoints and
+    resume see one set of param groups and one state_dict, as with AdamW alone.
+
+    The two keep this optimizer's group dicts and state as their own: a learning rate the
+    scheduler sets, or state a checkpoint loads, is what they step with."""
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW) -> None:
+        self.parts = (muon, adamw)
+        super().__init__([group for part in self.parts for group in part.param_groups], {})
+        self._share_with_parts()
+
+    def _share_with_parts(self) -> None:
+        start = 0
+        for part in self.parts:
+            count = len(part.param_groups)
+            part.param_groups = self.param_groups[start:start + count]
+            part.state = self.state
+            start += count
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
+        if closure is not None:
+            raise ValueError("MuonWithAdamW.step takes no closure")
+        for part in self.parts:
+            part.step()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)  # makes new group dicts and a new state
+        self._share_with_parts()
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Every group's learning rate at optimizer step `step`, as a fraction of its peak: linear
+    warmup, then cosine decay, or wsd's constant phase and linear decay over the last
+    decay_fraction of the steps; min_lr / learning_rate at the end and after."""
+    floor = cfg.min_lr / cfg.learning_rate
+    end = cfg.decay_end_step
+    if step < cfg.warmup_iters:
+        return (step + 1) / (cfg.warmup_iters + 1)
+    if step >= end:
+        return floor
+    if cfg.schedule == "wsd":
+        decay_start = max(cfg.warmup_iters, end - round(cfg.decay_fraction * end))
+        if step < decay_start:
+            return 1.0
+        remaining = (end - step) / max(1, end - decay_start)  # 1 -> 0 over the decay
+        return floor + remaining * (1.0 - floor)
+    progress = (step - cfg.warmup_iters) / max(1, end - cfg.warmup_iters)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0 over the decay
+    return floor + cosine * (1.0 - floor)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """AdamW's learning rate at optimizer step `step`."""
+    return cfg.learning_rate * lr_factor(step, cfg)
+
+
+def step_unless_nonfinite(optimizer: torch.optim.Optimizer, is_finite: torch.Tensor) -> None:
+    """Apply the update only if is_finite, deciding on the device when the optimizer can."""
+    if optimizer.defaults.get("fused"):
+        # fused Adam(W) skips its whole update (moments, decay, step count) on the device when
+        # found_inf is non-zero: the hook GradScaler uses, so the host never waits
+        optimizer.found_inf = (~is_finite).float()
+        optimizer.step()
+    elif bool(is_finite):  # the one host-device sync, for optimizers without that hook (Muon)
+        optimizer.step()
