@@ -4,8 +4,8 @@ Usage: python train.py --run-tag baseline --batch-size 16
        python train.py --resume runs/<id>      # continue a stopped run from its last checkpoint
        torchrun --standalone --nproc_per_node=4 train.py ...   # DDP over 4 processes
 
-Read top-down: main -> train (config, setup, run folder) -> fit (the loop, then the export)
--> training_loop -> optimizer_step, evaluate, write_checkpoints -> small helpers.
+Read top-down: main -> train (config, setup, time budget, run folder) -> fit (the loop, then
+the export) -> training_loop -> optimizer_step, evaluate, write_checkpoints -> small helpers.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,19 +34,18 @@ from utils.checkpoint import (
     RankState,
     TrainingState,
     prune_step_checkpoints,
-    remove_partial_writes,
     restore_checkpoint,
     save_checkpoint,
     save_export,
 )
-from utils.config import Config, ConfigLoader, TrainConfig
+from utils.config import ConfigLoader, TrainConfig
 from utils.device import measure_matmul_flops
 from utils.errors import TrainingFailure
 from utils.interrupts import GracefulStop
 from utils.nonfinite import NonfiniteCounter
 from utils.optimizers import build_optimizer, lr_factor, step_unless_nonfinite
 from utils.resume import resolve_resume
-from utils.runs import RunPaths, command_line, create_run, write_metadata
+from utils.runs import RunPaths, command_line, open_run
 from utils.setup import Setup, build_setup
 from utils.tracking import Tracker, check_aim_available, flat_hparams
 
@@ -214,7 +212,7 @@ def training_loop(state: TrainingState, setup: Setup, run: RunPaths, tracker: Tr
             nonfinite.record(result.is_finite)
             due = Due.at(state.step, cfg)
             if due.histograms:
-                log_histograms(state.model, tracker, state.step)
+                tracker.log_histograms(state.model, state.step)
             if due.sync_point:
                 check_nonfinite(nonfinite, state, cfg, tracker, run)
             # ranks must stop at the same step, so they agree on it only where they wait for
@@ -468,18 +466,6 @@ def stop_agreed(stop: GracefulStop, device: torch.device) -> bool:
     return bool(signal_number)
 
 
-def open_run(run: RunPaths | None, config: Config, command: str,
-             resumed_at_step: int | None) -> tuple[RunPaths, dict[str, str]]:
-    """A new run folder, or the resumed one swept of half-written checkpoints, with its
-    metadata written; returns the folder and the metadata texts."""
-    if run is None:
-        run = create_run(Path(config.train.runs_dir), config.train.run_tag)
-    else:
-        remove_partial_writes(run.checkpoints)
-    metadata = write_metadata(run, config.to_dict(), command, resumed_at_step=resumed_at_step)
-    return run, metadata
-
-
 def describe(state: TrainingState, setup: Setup) -> str:
     """The model, device and global batch, for the line that starts a run."""
     cfg, world_size = setup.config.train, distributed.world_size()
@@ -513,14 +499,6 @@ def sample_text(model: LanguageModel, setup: Setup, num_tokens: int) -> str:
     ids = model.generate(prompt, num_tokens, temperature=0.8, generator=generator)
     model.train(was_training)
     return tokenizer.decode(ids[0, 1:].tolist())
-
-
-def log_histograms(model: torch.nn.Module, tracker: Tracker, step: int) -> None:
-    """Parameter and gradient distributions; gradients are those of the step just taken."""
-    named = list(model.named_parameters())
-    tensors = {f"params/{name}": p for name, p in named}
-    tensors.update({f"grads/{name}": p.grad for name, p in named if p.grad is not None})
-    tracker.log_distributions(tensors, step)
 
 
 def seed_everything(seed: int) -> None:

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from utils.config import ENV_PREFIX, PROJECT_ROOT
+from utils.checkpoint import remove_partial_writes
+from utils.config import ENV_PREFIX, PROJECT_ROOT, Config
 from utils.errors import UserError
 
 
@@ -167,3 +168,15 @@ def find_run(which: str, runs_dir: Path, required: str, description: str) -> Run
         raise UserError(f"run folder {root} does not exist; pass a run folder such as "
                         f"{runs_dir}/<id>, or 'latest'")
     return RunPaths(root)
+
+
+def open_run(run: RunPaths | None, config: Config, command: str,
+             resumed_at_step: int | None) -> tuple[RunPaths, dict[str, str]]:
+    """A new run folder, or the resumed one swept of half-written checkpoints, with its
+    metadata written; returns the folder and the metadata texts."""
+    if run is None:
+        run = create_run(Path(config.train.runs_dir), config.train.run_tag)
+    else:
+        remove_partial_writes(run.checkpoints)
+    metadata = write_metadata(run, config.to_dict(), command, resumed_at_step=resumed_at_step)
+    return run, metadata

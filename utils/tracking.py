@@ -106,6 +106,13 @@ class Tracker:
         for backend in self.backends:
             backend.log_distributions(summaries, step)
 
+    def log_histograms(self, model: torch.nn.Module, step: int) -> None:
+        """Parameter and gradient distributions; gradients are those of the step just taken."""
+        named = list(model.named_parameters())
+        tensors = {f"params/{name}": p for name, p in named}
+        tensors.update({f"grads/{name}": p.grad for name, p in named if p.grad is not None})
+        self.log_distributions(tensors, step)
+
     def log_text(self, name: str, text: str, step: int) -> None:
         for backend in self.backends:
             backend.log_text(name, text, step)
