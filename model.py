@@ -10,6 +10,7 @@ Config in, tensors out: no I/O, printing or device choice here.
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,6 +27,15 @@ class ConfigFieldError(ValueError):
     def __init__(self, message: str, *fields: str) -> None:
         super().__init__(message)
         self.fields = fields
+
+
+def check_choices(config: Any) -> None:
+    """Raise a ConfigFieldError for a dataclass field typed Literal[...] whose value is not one
+    of its choices (a loader checks flags already; this also covers configs built in code)."""
+    for name, annotation in typing.get_type_hints(type(config)).items():
+        allowed = typing.get_args(annotation)
+        if typing.get_origin(annotation) is Literal and getattr(config, name) not in allowed:
+            raise ConfigFieldError(f"{name} must be one of {', '.join(allowed)}", name)
 
 
 RMS_NORM_EPS = 1e-6  # NanoChat's rms_norm_eps, so the modern layout maps onto it exactly
@@ -110,11 +120,7 @@ class ModelConfig:
                 f"position=rope needs an even head size, but n_embd={self.n_embd} / "
                 f"n_head={self.n_head} = {self.head_dim}", "position", "n_embd", "n_head",
             )
-        choices = {"position": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
-                   "mlp": ("gelu", "relu2")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigFieldError(f"{name} must be one of {', '.join(allowed)}", name)
+        check_choices(self)
         if self.logit_softcap is not None and self.logit_softcap <= 0:
             raise ConfigFieldError("logit_softcap must be > 0 (or none)", "logit_softcap")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -258,3 +259,14 @@ def test_repetition_penalty_makes_seen_tokens_less_likely():
 def test_invalid_sampling_settings_are_rejected(kwargs, message):
     with pytest.raises(ConfigFieldError, match=message):
         SamplingConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"n_embd": 12, "n_head": 4}, "position=rope needs an even head size, but n_embd=12 / "
+                                  "n_head=4 = 3"),
+    ({"logit_softcap": 0.0}, "logit_softcap must be > 0"),
+    ({"norm": "batchnorm"}, "norm must be one of layernorm, rmsnorm"),
+])
+def test_architecture_options_are_validated(options, message):
+    with pytest.raises(ConfigFieldError, match=re.escape(message)):
+        ModelConfig(vocab_size=5, **options)

@@ -181,6 +181,18 @@ def test_a_time_budget_becomes_a_recorded_max_iters_that_repeats_the_run(tmp_pat
         assert first == (repeat_dir / "artifacts" / "export" / name).read_bytes()
 
 
+def test_eval_full_scores_the_whole_val_split_and_every_run_reports_it(tmp_path):
+    result = run_script("train.py", *TINY, "--max-iters", "40", "--eval-interval", "20",
+                        "--eval-full", "--runs-dir", str(tmp_path / "runs"))
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"step 20: train loss \d+\.\d+, val loss \d+\.\d+ \(full split\)",
+                     result.stderr)
+    # the last evaluation and the end-of-run score see the same model and the same windows
+    last = re.search(r"step 40: train loss [\d.]+, val loss ([\d.]+)", result.stderr).group(1)
+    final = re.search(r"val loss [\d.]+, full-split val loss ([\d.]+)", result.stdout)
+    assert final.group(1) == last
+
+
 class FixedBatches:
     """Hands out prepared (x, y) batches in order, in place of a BatchSampler."""
 

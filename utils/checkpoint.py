@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from data import BatchSampler
-from model import CLASSIC_ARCHITECTURE, LanguageModel, ModelConfig
+from model import LanguageModel, ModelConfig
 from tokenizer import CharTokenizer
 from utils.config import Config
 from utils.errors import TrainingFailure, UserError
@@ -355,7 +355,7 @@ def restore_checkpoint(
             f"{config.train.data_path} no longer has the characters checkpoint {path} was "
             "trained on; resume with the original text"
         )
-    saved_model = {**CLASSIC_ARCHITECTURE, **meta["model_config"]}  # see from_saved
+    saved_model = dataclasses.asdict(_model_config(meta["model_config"], path))
     current_model = dataclasses.asdict(config.model)
     differing = [k for k in current_model if saved_model.get(k) != current_model[k]]
     if differing:

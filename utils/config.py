@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from model import CLASSIC_ARCHITECTURE, ConfigFieldError, ModelConfig
+from model import CLASSIC_ARCHITECTURE, ConfigFieldError, ModelConfig, check_choices
 from utils.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -171,6 +171,7 @@ class TrainConfig:
     runs_dir: str = field(default="runs", metadata=_help("folder holding one folder per run"))
 
     def __post_init__(self) -> None:
+        check_choices(self)
         positive = ("batch_size", "grad_accum_steps", "max_iters", "eval_interval",
                     "eval_iters", "log_interval")
         for name in positive:
