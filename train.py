@@ -27,7 +27,7 @@ from torch.autograd.profiler import record_function
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from data import BatchSampler
+from data import BatchSampler, windows_at
 from model import LanguageModel
 from utils import budget, console, distributed
 from utils.checkpoint import (
@@ -40,11 +40,11 @@ from utils.checkpoint import (
 )
 from utils.config import ConfigLoader, TrainConfig
 from utils.device import measure_matmul_flops
-from utils.errors import TrainingFailure
+from utils.errors import TrainingFailure, UserError
 from utils.interrupts import GracefulStop
 from utils.nonfinite import NonfiniteCounter
-from utils.optimizers import build_optimizer, lr_factor, step_unless_nonfinite
-from utils.resume import resolve_resume
+from utils.optimizers import build_optimizer, lr_at, lr_factor, step_unless_nonfinite
+from utils.resume import resolve_parent, resolve_resume
 from utils.runs import RunPaths, command_line, open_run
 from utils.setup import Setup, build_setup
 from utils.tracking import Tracker, check_aim_available, flat_hparams
@@ -65,13 +65,21 @@ def train(argv: Sequence[str]) -> int:
     launch = distributed.current_launch()
     loader = ConfigLoader()
     args = build_parser(loader).parse_args(argv)
+    check_start_flags(args)
     resume = resolve_resume(args.resume, loader, args, launch.world_size) if args.resume else None
-    setup = build_setup(resume.config if resume else loader.load(args))
+    parent = (resolve_parent(args.init_from, args.init_from_checkpoint, loader, args)
+              if args.init_from else None)
+    if parent:
+        setup = build_setup(parent.config, parent.tokenizer)
+    else:
+        setup = build_setup(resume.config if resume else loader.load(args))
     if setup.config.train.aim_logging:
         check_aim_available()
     state = init_state(setup)
     if resume:
         restore_checkpoint(state, resume.checkpoint, setup.config, setup.tokenizer, launch.rank)
+    if parent:
+        state.model.load_state_dict(parent.model.state_dict())
     # every input is valid: only now do processes join up and the run get (or touch) a folder
     with distributed.process_group(launch, setup.device) as group:
         state.step_model = group.wrap(state.step_model, setup.device)
@@ -80,10 +88,14 @@ def train(argv: Sequence[str]) -> int:
         resumed_at_step = state.step if resume else None
         command = command_line("train.py", argv, launcher=launch.launcher())
         run, metadata = distributed.on_main(lambda: open_run(
-            resume.run if resume else None, setup.config, command, resumed_at_step))
+            resume.run if resume else None, setup.config, command, resumed_at_step,
+            parent.describe() if parent else None))
         console.info(f"{'resuming' if resume else 'run'} {run.run_id} at step {state.step}: "
                      + describe(state, setup))
         tracker = Tracker.open(run, setup.config, metadata, resume_step=resumed_at_step)
+        if parent:
+            console.info(f"fine-tuning {parent.source}")
+            evaluate(state, setup, tracker)  # where it starts: the parent's weights on this text
         return fit(state, setup, run, tracker)
 
 
@@ -93,7 +105,24 @@ def build_parser(loader: ConfigLoader) -> argparse.ArgumentParser:
         "--resume", metavar="RUN",
         help="continue runs/<id> (or 'latest') from its last checkpoint, in the same folder; "
              "only watch-and-length settings such as --max-iters may change")
+    parser.add_argument(
+        "--init-from", metavar="RUN",
+        help="fine-tune runs/<id> (or 'latest') in a new run: its weights, tokenizer and model "
+             "shape, a fresh optimizer and schedule; e.g. with --data-path new.txt")
+    parser.add_argument(
+        "--init-from-checkpoint", metavar="NAME",
+        help="with --init-from: start from this checkpoint (last, best or step_N) instead of "
+             "the run's export")
     return parser
+
+
+def check_start_flags(args: argparse.Namespace) -> None:
+    if args.resume and args.init_from:
+        raise UserError("--resume continues a run in its own folder and --init-from starts a "
+                        "new run from one; pass one of them")
+    if args.init_from_checkpoint and not args.init_from:
+        raise UserError("--init-from-checkpoint names a checkpoint of the --init-from run; "
+                        "pass --init-from RUN too")
 
 
 def init_state(setup: Setup) -> TrainingState:
@@ -244,6 +273,7 @@ class StepResult:
     loss: torch.Tensor  # mean loss over the micro-batches
     grad_norm: torch.Tensor  # global gradient norm before clipping
     is_finite: torch.Tensor  # bool; False: the update was skipped
+    learning_rate: float  # AdamW's base learning rate for the step; other groups scale with it
 
 
 def optimizer_step(state: TrainingState, setup: Setup) -> StepResult:
@@ -284,7 +314,7 @@ def optimizer_step(state: TrainingState, setup: Setup) -> StepResult:
         else:
             step_unless_nonfinite(optimizer, is_finite)
         scaler.update()
-    return StepResult(total_loss, grad_norm, is_finite)
+    return StepResult(total_loss, grad_norm, is_finite, lr_at(state.step, cfg))
 
 
 @dataclass(frozen=True)
@@ -337,7 +367,7 @@ def log_progress(state: TrainingState, result: StepResult, speed: SpeedMeter, tr
     """The step's loss, gradient norm, learning rate and speed, to the tracker and the bar."""
     tokens_per_sec, mfu = speed.rates()
     metrics = {"train/loss": result.loss.item(), "grad_norm": result.grad_norm.item(),
-               "lr": state.optimizer.param_groups[0]["lr"], "tokens_per_sec": tokens_per_sec,
+               "lr": result.learning_rate, "tokens_per_sec": tokens_per_sec,
                "mfu": mfu}
     tracker.log(metrics, state.step)
     val = f"{state.last_losses['val']:.4f}" if state.last_losses else "-"
@@ -402,11 +432,10 @@ def full_split_loss(model: torch.nn.Module, setup: Setup) -> float:
     that compares across runs, unlike a sample of random windows. Ranks share the windows."""
     cfg, block_size, data = setup.config.train, setup.config.model.block_size, setup.splits.val
     starts = torch.arange(full_split_windows(setup)) * block_size
-    offsets = torch.arange(block_size + 1)
     totals = torch.zeros(2, device=setup.device)  # summed loss, windows
     model.eval()
     for batch in starts[distributed.rank()::distributed.world_size()].split(cfg.batch_size):
-        windows = data[batch[:, None] + offsets].to(setup.device)
+        windows = windows_at(data, batch, block_size + 1).to(setup.device)
         with setup.autocast():
             _, loss = model(windows[:, :-1], windows[:, 1:])
         totals[0] += loss.float() * len(batch)
@@ -417,7 +446,12 @@ def full_split_loss(model: torch.nn.Module, setup: Setup) -> float:
 
 
 def full_split_windows(setup: Setup) -> int:
-    return (len(setup.splits.val) - 1) // setup.config.model.block_size
+    """How many block_size windows a full-split pass scores: all of the val split, up to
+    full_split_max_tokens."""
+    tokens = len(setup.splits.val) - 1
+    if setup.config.train.full_split_max_tokens is not None:
+        tokens = min(tokens, setup.config.train.full_split_max_tokens)
+    return max(1, tokens // setup.config.model.block_size)
 
 
 def write_checkpoints(run: RunPaths, state: TrainingState, setup: Setup,
@@ -482,7 +516,12 @@ def report(run: RunPaths, state: TrainingState, setup: Setup) -> None:
     print(f"--- sample ---\n{sample}\n--------------")
     losses = state.last_losses
     if losses:
-        full = f", full-split val loss {losses['val_full']:.4f}" if "val_full" in losses else ""
+        full = ""
+        if "val_full" in losses:
+            scored = full_split_windows(setup) * setup.config.model.block_size
+            part = (f" (first {scored:,} of {len(setup.splits.val):,} val tokens)"
+                    if scored + setup.config.model.block_size < len(setup.splits.val) else "")
+            full = f", full-split val loss {losses['val_full']:.4f}{part}"
         print(f"final train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{full}")
     print(f"run folder: {run.root}")
     print(f"generate more: python inference.py --run {run.root}")

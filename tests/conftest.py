@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,15 @@ from utils.config import Config, TrainConfig
 from utils.setup import Setup
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Token stores of the whole session go to one temporary folder, not the project's
+    .cache/: runs the tests start, in and out of process, find it in CHARGPT_TOKEN_CACHE."""
+    folder = tmp_path_factory.mktemp("token_cache")
+    os.environ["CHARGPT_TOKEN_CACHE"] = str(folder)
+    return folder
 
 
 @pytest.fixture
@@ -65,6 +75,7 @@ def run_script(script: str, *args: str, cwd: Path | None = None, env: dict | Non
                timeout: float = 300) -> subprocess.CompletedProcess:
     """Run one of the project's scripts as a user would, from the project root by default."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
+    full_env["CHARGPT_TOKEN_CACHE"] = os.environ["CHARGPT_TOKEN_CACHE"]
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, str(PROJECT_ROOT / script), *args], cwd=cwd or PROJECT_ROOT,
@@ -81,7 +92,7 @@ def cpu_setup(model_config: ModelConfig, cfg: TrainConfig | None = None,
     if ids is None:
         ids = torch.arange(32 * model_config.block_size) % vocab_size
     cfg = cfg or TrainConfig()
-    splits = split_ids(ids, cfg.train_split, model_config.block_size)
+    splits = split_ids(np.asarray(ids), cfg.train_split, model_config.block_size)
     return Setup(Config(model_config, cfg), tokenizer, splits, torch.device("cpu"), torch.float32)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -67,8 +69,8 @@ def test_missing_data_file_exits_2_and_creates_no_run(tmp_path):
                         "--runs-dir", str(runs))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: data file {tmp_path / 'nope.txt'} does not exist; pass --data-path PATH to a "
-        "text file"]
+        f"error: data file {tmp_path / 'nope.txt'} does not exist; pass --data-path a text "
+        "file, a folder of .txt files, a glob or a .jsonl file"]
     assert not runs.exists()
 
 
@@ -140,11 +142,34 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest(tiny_config):
     assert {"token_embedding.weight", "lm_head.weight"} <= in_adamw
 
 
+def test_embeddings_and_head_follow_their_own_learning_rates_and_the_schedule(tiny_config):
+    model = LanguageModel(dataclasses.replace(tiny_config, position="learned"))
+    names = {id(p): name for name, p in model.named_parameters()}
+    cfg = TrainConfig(optimizer="muon", learning_rate=1e-3, embedding_lr=0.3, head_lr=2e-3,
+                      warmup_iters=0, schedule="cosine", max_iters=10)
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    for _ in range(5):
+        optimizer.step()  # no gradients: moves nothing
+        scheduler.step()
+    peak = {names[id(p)]: group["initial_lr"] for group in optimizer.param_groups
+            for p in group["params"]}
+    assert peak["token_embedding.weight"] == peak["position_embedding.weight"] == 0.3
+    assert peak["lm_head.weight"] == 2e-3 and peak["blocks.0.mlp.fc.weight"] == cfg.muon_lr
+    for group in optimizer.param_groups:  # every group at the same fraction of its peak
+        assert group["lr"] == pytest.approx(group["initial_lr"] * lr_factor(5, cfg))
+    # unset, they are learning_rate, in the two AdamW groups checkpoints have always held
+    plain = build_optimizer(model, TrainConfig(optimizer="adamw"), torch.device("cpu"))
+    # (matrices, gains and biases): this model has no gains or biases
+    assert [len(group["params"]) > 0 for group in plain.param_groups] == [True, False]
+    assert {group["lr"] for group in plain.param_groups} == {TrainConfig().learning_rate}
+
+
 def test_full_split_loss_averages_every_non_overlapping_window(tiny_config):
     setup = cpu_setup(tiny_config, TrainConfig(batch_size=3),
                       ids=torch.randint(tiny_config.vocab_size, (2000,)))
     model = LanguageModel(tiny_config)
-    val, block = setup.splits.val, tiny_config.block_size
+    val, block = torch.from_numpy(setup.splits.val.astype(np.int64)), tiny_config.block_size
     windows = [(val[i:i + block], val[i + 1:i + block + 1])
                for i in range(0, len(val) - block, block)]
     expected = sum(model(x[None], y[None])[1].item() for x, y in windows) / len(windows)

@@ -61,7 +61,17 @@ def parse_duration(raw: Any) -> float:
 class TrainConfig:
     """How to train. The defaults are the default run (`python train.py`, `make train`)."""
 
-    data_path: str = field(default="input.txt", metadata=_help("text file to train on"))
+    data_path: str = field(
+        default="input.txt", metadata=_help("text to train on: a file, a folder of .txt files, "
+                                            "a glob, or a .jsonl file; any of them gzipped")
+    )
+    text_field: str = field(
+        default="text", metadata=_help("the field of each JSONL record that holds its text")
+    )
+    token_cache: str = field(
+        default=".cache/tokens", metadata=_help("folder of token stores: each corpus is "
+                                                "tokenised once, then memory-mapped")
+    )
     train_split: float = field(
         default=0.9, metadata=_help("fraction of the text used for training; the rest validates")
     )
@@ -84,7 +94,18 @@ class TrainConfig:
         default="muon", metadata=_help("adamw for every parameter, or muon for the blocks' "
                                        "weight matrices and AdamW for the rest")
     )
-    learning_rate: float = field(default=3e-3, metadata=_help("AdamW's peak learning rate"))
+    learning_rate: float = field(
+        default=3e-3, metadata=_help("AdamW's peak learning rate (gains, biases, and any "
+                                     "matrix neither Muon nor the two below take)")
+    )
+    embedding_lr: float | None = field(
+        default=None, metadata=_help("AdamW's peak learning rate for the token and position "
+                                     "embeddings; none = learning_rate")
+    )
+    head_lr: float | None = field(
+        default=None, metadata=_help("AdamW's peak learning rate for an untied output layer; "
+                                     "none = learning_rate")
+    )
     min_lr: float = field(
         default=0.0, metadata=_help("AdamW's learning rate at the end of the decay; every "
                                     "group ends at the same fraction of its peak")
@@ -121,6 +142,11 @@ class TrainConfig:
     eval_full: bool = field(
         default=False, metadata=_help("evaluations score every non-overlapping window of the "
                                       "val split instead of eval_iters random batches")
+    )
+    full_split_max_tokens: int | None = field(
+        default=1_000_000, metadata=_help("a full-split pass scores at most this many val "
+                                          "tokens, from the split's start (a large corpus's "
+                                          "split would take hours on a CPU); none = all")
     )
     log_interval: int = field(default=10, metadata=_help("steps between train-loss logs"))
     sample_tokens: int = field(
@@ -195,7 +221,7 @@ class TrainConfig:
                 f"warmup_iters={self.warmup_iters}",
                 "lr_decay_iters", "warmup_iters",
             )
-        for name in ("checkpoint_interval", "patience"):
+        for name in ("checkpoint_interval", "patience", "full_split_max_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigFieldError(f"{name} must be at least 1 (or none)", name)
         if self.peak_flops is not None and self.peak_flops <= 0:
@@ -211,6 +237,9 @@ class TrainConfig:
                 raise ConfigFieldError(f"{name} must be >= 0", name)
         if self.muon_lr <= 0:
             raise ConfigFieldError("muon_lr must be > 0", "muon_lr")
+        for name in ("embedding_lr", "head_lr"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigFieldError(f"{name} must be > 0 (or none for learning_rate)", name)
         if not 0.0 < self.decay_fraction <= 1.0:
             raise ConfigFieldError("decay_fraction must be in (0, 1]", "decay_fraction")
         if self.time_budget is not None and self.time_budget <= 0:
@@ -259,7 +288,7 @@ RESUMABLE_FIELDS = frozenset({
     "max_iters", "eval_interval", "eval_iters", "log_interval", "sample_tokens",
     "histogram_interval", "checkpoint_interval", "keep_checkpoints", "max_nonfinite_steps",
     "patience", "min_delta", "aim_logging", "aim_repo", "device", "compile", "runs_dir",
-    "peak_flops", "num_threads", "eval_full",
+    "peak_flops", "num_threads", "eval_full", "token_cache", "full_split_max_tokens",
     # resolved to max_iters when the run started; --max-iters on a resume switches it off
     "time_budget",
 })
@@ -268,7 +297,12 @@ RESUMABLE_FIELDS = frozenset({
 # cosine schedule for max_iters steps
 SETTINGS_BEFORE_OPTIONS: dict[str, Any] = {
     **CLASSIC_ARCHITECTURE, "optimizer": "adamw", "schedule": "cosine", "time_budget": None,
+    "embedding_lr": None, "head_lr": None,
 }
+
+# Model fields a fine-tuning run may set differently from the run it starts from: dropout
+# only changes training, not the weights' meaning.
+FINE_TUNABLE_MODEL_FIELDS = frozenset({"dropout"})
 
 # Keys a user may set. vocab_size is not among them: it always comes from the tokenizer.
 _SECTIONS: dict[str, type] = {
@@ -355,6 +389,23 @@ class ConfigLoader:
                     f"{_format(value)} from {source}): resuming continues the same model, data "
                     f"and optimizer; start a new run instead. Resumable settings: "
                     f"{', '.join(sorted(RESUMABLE_FIELDS))}"
+                )
+        return Config(model=_build(ModelConfig, merged), train=_build(TrainConfig, merged))
+
+    def load_for_fine_tune(self, parent: ModelConfig, args: argparse.Namespace) -> Config:
+        """Defaults and these flags, with the model shape of the run being fine-tuned: a flag
+        or file that contradicts it (anything but dropout) is refused, naming the field."""
+        kept = {f.name: getattr(parent, f.name) for f in dataclasses.fields(ModelConfig)
+                if f.name in _SECTIONS and f.name not in FINE_TUNABLE_MODEL_FIELDS}
+        parent_layer = _Layer("the fine-tuned run's model", kept, from_text=False)
+        user_layers = self._user_layers(args)
+        merged = self._merge([*self._base_layers(), parent_layer, *user_layers])
+        for key, value in kept.items():
+            if merged[key][0] != value:
+                raise ConfigError(
+                    f"cannot set {key}={_format(merged[key][0])} ({merged[key][1]}) when "
+                    f"fine-tuning: the run being fine-tuned has {key}={_format(value)}, and "
+                    "fine-tuning keeps its model shape; leave it out"
                 )
         return Config(model=_build(ModelConfig, merged), train=_build(TrainConfig, merged))
 

@@ -9,3 +9,7 @@ class UserError(Exception):
 
 class TrainingFailure(Exception):
     """Training cannot go on (diverged, disk full): shown as one line, exit code 1."""
+
+
+class DataError(UserError):
+    """The corpus cannot be used for training."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -21,16 +22,15 @@ from utils.config import TrainConfig
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig,
                     device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (decaying matrices and embeddings, never biases or gains) for every parameter, or
-    Muon for the blocks' weight matrices and that AdamW for the rest."""
+    """AdamW for every parameter, or Muon for the blocks' weight matrices and AdamW for the
+    rest. AdamW's learning rate is embedding_lr for the embeddings, head_lr for an untied head
+    and learning_rate for the rest; its weight decay skips gains and biases."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     use_muon = cfg.optimizer == "muon"
     hidden = [p for name, p in named if use_muon and is_hidden_matrix(name, p)]
     hidden_ids = {id(p) for p in hidden}
-    rest = [p for _, p in named if id(p) not in hidden_ids]
     adamw = torch.optim.AdamW(
-        [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+        adamw_groups([(name, p) for name, p in named if id(p) not in hidden_ids], cfg),
         lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
         fused=device.type in ("cuda", "cpu", "mps"))
     if not use_muon:
@@ -38,6 +38,29 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig,
     muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
                             weight_decay=cfg.muon_weight_decay)
     return MuonWithAdamW(muon, adamw)
+
+
+def adamw_groups(named: list[tuple[str, torch.nn.Parameter]],
+                 cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW's param groups: matrices (decayed) and gains and biases (not) at learning_rate,
+    then the embeddings at embedding_lr and an untied head at head_lr where those are set.
+    Leaving both unset gives the two groups checkpoints of earlier versions hold."""
+    own_lr = {"embedding": cfg.embedding_lr, "head": cfg.head_lr}
+    parts: dict[str, list[torch.nn.Parameter]] = {
+        "matrices": [], "vectors": [], "embedding": [], "head": []}
+    for name, param in named:
+        if name.endswith("embedding.weight") and own_lr["embedding"] is not None:
+            parts["embedding"].append(param)
+        elif name == "lm_head.weight" and own_lr["head"] is not None:
+            parts["head"].append(param)
+        else:
+            parts["matrices" if param.dim() >= 2 else "vectors"].append(param)
+    groups = [{"params": parts["matrices"], "weight_decay": cfg.weight_decay},
+              {"params": parts["vectors"], "weight_decay": 0.0}]
+    for part, lr in own_lr.items():
+        if parts[part]:
+            groups.append({"params": parts[part], "lr": lr, "weight_decay": cfg.weight_decay})
+    return groups
 
 
 def is_hidden_matrix(name: str, param: torch.nn.Parameter) -> bool:

@@ -1,9 +1,14 @@
-"""What `train.py --resume` continues: which run, from which checkpoint, with which config.
+"""What `train.py --resume` continues, and what `train.py --init-from` fine-tunes: which run,
+from which checkpoint (or export), with which config.
 
 A resumed run keeps its model, data and optimisation: only the settings in
 utils/config.py's RESUMABLE_FIELDS (how long it runs and how it is watched) may change. It
 resumes with as many processes as it was trained with, since each continues its own batch
 stream.
+
+A fine-tuning run is a new run: it starts from another run's weights (its export, or a named
+checkpoint), keeps that run's tokenizer and model shape, and starts its optimizer and schedule
+fresh.
 """
 
 from __future__ import annotations
@@ -12,7 +17,16 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.checkpoint import CHECKPOINT_SUFFIX, checkpoint_meta, find_checkpoint
+from model import LanguageModel
+from tokenizer import CharTokenizer
+from utils.checkpoint import (
+    CHECKPOINT_SUFFIX,
+    WEIGHTS_FILE,
+    checkpoint_meta,
+    find_checkpoint,
+    load_checkpoint_model,
+    load_export,
+)
 from utils.config import Config, ConfigLoader
 from utils.errors import UserError
 from utils.runs import RunPaths, find_run
@@ -56,3 +70,36 @@ def check_world_size(run: RunPaths, saved: int, current: int) -> None:
         f"run {run.run_id} was trained by {saved} process(es) but this resume has {current}; "
         f"each process continues its own batch stream, so resume it with {command}"
     )
+
+
+@dataclass(frozen=True)
+class Parent:
+    """The run a fine-tuning run starts from."""
+
+    run: RunPaths
+    source: Path  # its export folder, or the checkpoint file
+    model: LanguageModel  # its weights, on the CPU
+    tokenizer: CharTokenizer
+    config: Config  # defaults and flags, with the parent's model shape
+
+    def describe(self) -> dict[str, str]:
+        """What meta/parent.json records."""
+        kind = "export" if self.source == self.run.export else "checkpoint"
+        return {"run": str(self.run.root), kind: str(self.source)}
+
+
+def resolve_parent(which: str, checkpoint: str | None, loader: ConfigLoader,
+                   args: argparse.Namespace) -> Parent:
+    """The run to fine-tune (a folder or 'latest'): its export, or with checkpoint
+    ('last', 'best', 'step_N') that checkpoint."""
+    runs_dir = Path(loader.load(args).train.runs_dir)
+    if checkpoint is None:
+        run = find_run(which, runs_dir, f"artifacts/export/{WEIGHTS_FILE}", "an export")
+        source = run.export
+        model, tokenizer = load_export(source)
+    else:
+        run = find_run(which, runs_dir, "artifacts/checkpoints", "checkpoints")
+        source = find_checkpoint(run.checkpoints, checkpoint)
+        model, tokenizer = load_checkpoint_model(source)
+    config = loader.load_for_fine_tune(model.config, args)
+    return Parent(run, source, model, tokenizer, config)

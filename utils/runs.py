@@ -171,12 +171,17 @@ def find_run(which: str, runs_dir: Path, required: str, description: str) -> Run
 
 
 def open_run(run: RunPaths | None, config: Config, command: str,
-             resumed_at_step: int | None) -> tuple[RunPaths, dict[str, str]]:
+             resumed_at_step: int | None,
+             parent: dict[str, str] | None = None) -> tuple[RunPaths, dict[str, str]]:
     """A new run folder, or the resumed one swept of half-written checkpoints, with its
-    metadata written; returns the folder and the metadata texts."""
+    metadata written (and meta/parent.json for a fine-tuning run); returns the folder and the
+    metadata texts."""
     if run is None:
         run = create_run(Path(config.train.runs_dir), config.train.run_tag)
     else:
         remove_partial_writes(run.checkpoints)
     metadata = write_metadata(run, config.to_dict(), command, resumed_at_step=resumed_at_step)
+    if parent is not None:
+        metadata["parent"] = json.dumps(parent, indent=2) + "\n"
+        (run.meta / "parent.json").write_text(metadata["parent"], encoding="utf-8")
     return run, metadata

@@ -15,11 +15,10 @@ import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from data import Splits, read_text, split_ids
+from data import Splits, load_corpus
 from tokenizer import CharTokenizer
 from utils import distributed
 from utils.config import Config, ConfigLoader
@@ -49,9 +48,10 @@ class Setup:
         return self.config.tokens_per_step(distributed.world_size())
 
 
-def build_setup(config: Config) -> Setup:
+def build_setup(config: Config, tokenizer: CharTokenizer | None = None) -> Setup:
     """CPU threads, then this process's device, its backend switches and the autocast dtype,
-    then the corpus; the returned config carries the tokenizer's vocab_size."""
+    then the corpus (in tokenizer's vocabulary if given, e.g. a run being fine-tuned); the
+    returned config carries the tokenizer's vocab_size."""
     launch = distributed.current_launch()
     cfg = config.train
     threads = cfg.num_threads or distributed.threads_per_process(launch)
@@ -60,13 +60,11 @@ def build_setup(config: Config) -> Setup:
     device = distributed.device_for_rank(resolve_device(cfg.device), launch)
     configure_backends(device)
     dtype = resolve_dtype(cfg.dtype, device)
-    text = read_text(Path(cfg.data_path))
-    tokenizer = CharTokenizer.from_text(text)
-    model_config = dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size)
-    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    splits = split_ids(ids, cfg.train_split, model_config.block_size)
-    return Setup(dataclasses.replace(config, model=model_config), tokenizer, splits, device,
-                 dtype)
+    corpus = load_corpus(cfg.data_path, cfg.text_field, cfg.train_split, cfg.token_cache,
+                         config.model.block_size, tokenizer)
+    model_config = dataclasses.replace(config.model, vocab_size=corpus.tokenizer.vocab_size)
+    return Setup(dataclasses.replace(config, model=model_config), corpus.tokenizer,
+                 corpus.splits, device, dtype)
 
 
 def setup_from_flags(flags: Sequence[str]) -> Setup:
