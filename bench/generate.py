@@ -1,7 +1,12 @@
-"""Decode speed with and without the KV cache, against a bare single-token forward.
+"""Decode speed: the KV cache against none, the decode weight layouts (prepared_for_decoding)
+against plain F.linear, batches against one sample, and each layout's agreement with float32.
 
-Random weights (speed does not depend on them). Prints one table; BENCHMARKS.md keeps the numbers.
-Usage: python bench/generate.py [--device cpu] [--tokens 500 2000] [--shapes default gpu]
+Speed rows use random weights (speed does not depend on them). Agreement needs a trained model,
+whose logits are peaked as in real use: pass --run runs/<id> (its export) and the table gains
+how many of 500 greedy tokens each layout shares with plain float32 before the first
+difference, and the largest logit difference over a block of its own text.
+Prints tables; BENCHMARKS.md keeps the numbers.
+Usage: python bench/generate.py [--device cpu] [--shapes default gpu] [--run runs/<id>]
 """
 
 from __future__ import annotations
@@ -17,18 +22,31 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import KVCache, LanguageModel, SamplingConfig  # noqa: E402
+from model import (  # noqa: E402
+    KVCache,
+    LanguageModel,
+    SamplingConfig,
+    prepared_for_decoding,
+)
+from utils.checkpoint import load_export  # noqa: E402
 from utils.device import synchronize  # noqa: E402
+from utils.runs import RunPaths  # noqa: E402
 from utils.setup import setup_from_flags  # noqa: E402
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "presets" / "gpu.yaml"
 SHAPES = {"default": [], "gpu": ["--config", str(PRESET)]}  # train.py flags
+LAYOUTS = ("F.linear", "float32", "bfloat16", "int8")  # F.linear: the model as trained
 
 
-def decode_rate(model: LanguageModel, new_tokens: int, use_cache: bool,
-                device: torch.device) -> float:
-    """Tokens/s of sampling new_tokens after a one-character prompt (prefill excluded)."""
-    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+def decoding_model(model: LanguageModel, layout: str) -> LanguageModel:
+    return model if layout == "F.linear" else prepared_for_decoding(model, layout)
+
+
+def decode_rate(model: LanguageModel, new_tokens: int, use_cache: bool, device: torch.device,
+                batch_size: int = 1) -> float:
+    """Decode steps per second while sampling new_tokens after a one-character prompt
+    (prefill excluded); each step makes batch_size tokens."""
+    prompt = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(0)
     stream = model.generate_stream(prompt, new_tokens, SamplingConfig(temperature=1.0),
                                    generator, use_cache)
@@ -41,9 +59,8 @@ def decode_rate(model: LanguageModel, new_tokens: int, use_cache: bool,
 
 
 @torch.no_grad()
-def single_token_forward_ms(
-    model: LanguageModel, device: torch.device, repeats: int = 200
-) -> float:
+def single_token_forward_ms(model: LanguageModel, device: torch.device,
+                            repeats: int = 200) -> float:
     """Median time of model(one token, cache) halfway into the window: the decode step's core."""
     cache = KVCache(model.config, 1)
     half = model.config.block_size // 2
@@ -60,31 +77,71 @@ def single_token_forward_ms(
     return statistics.median(times) * 1e3
 
 
+@torch.no_grad()
+def agreement(reference: LanguageModel, model: LanguageModel, prompt: torch.Tensor,
+              tokens: int) -> tuple[int, float]:
+    """(greedy tokens equal to the reference's before the first difference, of `tokens`;
+    the largest logit difference over the prompt's block)."""
+    ours = model.generate(prompt[:, :1], tokens, temperature=0)[0, 1:]
+    theirs = reference.generate(prompt[:, :1], tokens, temperature=0)[0, 1:]
+    differ = (ours != theirs).nonzero()
+    same = tokens if len(differ) == 0 else int(differ[0])
+    logit_gap = (model(prompt)[0] - reference(prompt)[0]).abs().max().item()
+    return same, logit_gap
+
+
+def speed_table(args: argparse.Namespace, device: torch.device) -> None:
+    print("| shape | weights | cached tok/s | uncached tok/s | 1-token forward ms | "
+          "cached ms/token | loop overhead | batch 8: ms/step | batch 8 / batch 1 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.shapes:
+        torch.manual_seed(0)
+        config = setup_from_flags([*SHAPES[name], "--device", str(device)]).config.model
+        trained_like = LanguageModel(config).to(device).eval()
+        with torch.no_grad():  # no zero-initialised layer: every product is real work
+            for param in trained_like.parameters():
+                param.normal_(0.0, 0.02)
+        for layout in args.layouts:
+            model = decoding_model(trained_like, layout)
+            forward_ms = single_token_forward_ms(model, device)
+            cached = decode_rate(model, args.tokens, True, device)
+            uncached = decode_rate(model, args.tokens, False, device) if layout == "F.linear" \
+                else float("nan")
+            batched = decode_rate(model, args.tokens, True, device, batch_size=8)
+            print(f"| {name} | {layout} | {cached:,.0f} | {uncached:,.0f} | {forward_ms:.3f} | "
+                  f"{1e3 / cached:.3f} | {1e3 / cached / forward_ms:.2f}x | "
+                  f"{1e3 / batched:.3f} | {cached / batched:.2f}x |", flush=True)
+
+
+def agreement_table(run: Path, tokens: int) -> None:
+    model, tokenizer = load_export(RunPaths(run).export)
+    text = "ROMEO.\nBut soft, what light through yonder window breaks?\n" * 40
+    known = "".join(c for c in text if c in tokenizer.chars)
+    prompt = torch.tensor([tokenizer.encode(known[:model.config.block_size])])
+    print(f"\nAgreement with float32 F.linear, {run} ({model.config.n_layer}x"
+          f"{model.config.n_embd}):\n")
+    print("| weights | greedy tokens equal before the first difference | max logit difference |")
+    print("|---|---|---|")
+    for layout in LAYOUTS[1:]:
+        same, gap = agreement(model, decoding_model(model, layout), prompt, tokens)
+        print(f"| {layout} | {same} of {tokens} | {gap:.2e} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[500, 2000])
+    parser.add_argument("--tokens", type=int, default=500)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--run", type=Path, help="a trained run, for the agreement table")
     args = parser.parse_args()
-    setups = {name: setup_from_flags([*SHAPES[name], "--device", args.device])
-              for name in args.shapes}
-    device = next(iter(setups.values())).device
+    device = torch.device(args.device)
     print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-          f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| shape | new tokens | cached tok/s | uncached tok/s | speed-up | "
-          "1-token forward ms | cached ms/token | loop overhead |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name in args.shapes:
-        torch.manual_seed(0)
-        model = LanguageModel(setups[name].config.model).to(device).eval()
-        forward_ms = single_token_forward_ms(model, device)
-        for new_tokens in args.tokens:
-            cached = decode_rate(model, new_tokens, True, device)
-            uncached = decode_rate(model, new_tokens, False, device)
-            per_token_ms = 1e3 / cached
-            print(f"| {name} | {new_tokens} | {cached:,.0f} | {uncached:,.0f} | "
-                  f"{cached / uncached:.1f}x | {forward_ms:.3f} | {per_token_ms:.3f} | "
-                  f"{per_token_ms / forward_ms:.2f}x |", flush=True)
+          f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.tokens} new tokens\n")
+    speed_table(args, device)
+    if args.run:
+        agreement_table(args.run, args.tokens)
 
 
 if __name__ == "__main__":

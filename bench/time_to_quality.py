@@ -48,6 +48,7 @@ LEVERS = {
          "--weight-decay", "0"],
         ["--learning-rate", "1e-3", "--min-lr", "0", "--beta1", "0.9", "--beta2", "0.99",
          "--weight-decay", "0.1"]),
+    "embedding_lr": (["--embedding-lr", "0.3"], ["--embedding-lr", "none"]),
     "batch_16x128": (["--batch-size", "16", "--block-size", "128"],
                      ["--batch-size", "12", "--block-size", "64"]),
 }

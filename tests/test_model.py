@@ -18,6 +18,7 @@ from model import (
     ModelConfig,
     SamplingConfig,
     attention_mask,
+    prepared_for_decoding,
     rotate,
     sample_next,
 )
@@ -140,6 +141,38 @@ def test_every_option_set_decodes_exactly_with_the_cache(tiny_config, options):
     prompt = idx[:, :3]
     cached = model.generate(prompt, 60, temperature=0, use_cache=True)
     assert torch.equal(cached, model.generate(prompt, 60, temperature=0, use_cache=False))
+
+
+@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+def test_float32_decode_weights_compute_the_same_model(tiny_config, options):
+    """prepared_for_decoding only changes the weights' layout: the logits agree to float32
+    rounding, cached decoding stays exact, and 500 greedy tokens (well past block_size) are
+    the plain model's."""
+    model = randomised(LanguageModel(dataclasses.replace(tiny_config, **options))).eval()
+    prepared = prepared_for_decoding(model, "float32")
+    idx = torch.randint(tiny_config.vocab_size, (2, tiny_config.block_size))
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(idx)[0], model(idx)[0], atol=1e-5, rtol=0)
+    prompt = idx[:, :3]
+    greedy = model.generate(prompt, 500, temperature=0)
+    assert torch.equal(prepared.generate(prompt, 500, temperature=0), greedy)
+    assert torch.equal(prepared.generate(prompt, 500, temperature=0, use_cache=False), greedy)
+    assert all(not isinstance(m, torch.nn.Linear) for m in prepared.modules())
+    assert any(isinstance(m, torch.nn.Linear) for m in model.modules())  # the original is kept
+
+
+@pytest.mark.parametrize(("weights", "tolerance"), [("bfloat16", 0.05), ("int8", 0.05)])
+def test_smaller_decode_weights_stay_close_to_float32(tiny_config, weights, tolerance):
+    """bfloat16 and int8 weights move the logits by a small fraction of their spread."""
+    model = randomised(LanguageModel(tiny_config)).eval()
+    prepared = prepared_for_decoding(model, weights)
+    idx = torch.randint(tiny_config.vocab_size, (2, tiny_config.block_size))
+    with torch.no_grad():
+        reference, logits = model(idx)[0], prepared(idx)[0]
+    assert logits.dtype == torch.float32
+    spread = (reference.max() - reference.min()).item()
+    assert (logits - reference).abs().max().item() <= tolerance * spread
+    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
 
 
 def test_model_config_rejects_heads_that_do_not_divide_width():

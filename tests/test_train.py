@@ -159,10 +159,12 @@ def test_embeddings_and_head_follow_their_own_learning_rates_and_the_schedule(ti
     for group in optimizer.param_groups:  # every group at the same fraction of its peak
         assert group["lr"] == pytest.approx(group["initial_lr"] * lr_factor(5, cfg))
     # unset, they are learning_rate, in the two AdamW groups checkpoints have always held
-    plain = build_optimizer(model, TrainConfig(optimizer="adamw"), torch.device("cpu"))
+    plain = build_optimizer(model, TrainConfig(optimizer="adamw", embedding_lr=None),
+                            torch.device("cpu"))
     # (matrices, gains and biases): this model has no gains or biases
     assert [len(group["params"]) > 0 for group in plain.param_groups] == [True, False]
     assert {group["lr"] for group in plain.param_groups} == {TrainConfig().learning_rate}
+    assert TrainConfig().embedding_lr == 0.3  # the default run's, tuned in BENCHMARKS.md
 
 
 def test_full_split_loss_averages_every_non_overlapping_window(tiny_config):
@@ -248,8 +250,9 @@ def test_grad_accumulation_matches_one_large_batch():
 def test_weight_decay_applies_to_matrices_only():
     model = LanguageModel(ModelConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=4,
                                       bias=True))
-    optimizer = build_optimizer(model, TrainConfig(optimizer="adamw", weight_decay=0.3),
-                                torch.device("cpu"))
+    optimizer = build_optimizer(
+        model, TrainConfig(optimizer="adamw", weight_decay=0.3, embedding_lr=None),
+        torch.device("cpu"))
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.3 and plain["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decayed["params"])

@@ -99,7 +99,7 @@ class TrainConfig:
                                      "matrix neither Muon nor the two below take)")
     )
     embedding_lr: float | None = field(
-        default=None, metadata=_help("AdamW's peak learning rate for the token and position "
+        default=0.3, metadata=_help("AdamW's peak learning rate for the token and position "
                                      "embeddings; none = learning_rate")
     )
     head_lr: float | None = field(
@@ -110,7 +110,7 @@ class TrainConfig:
         default=0.0, metadata=_help("AdamW's learning rate at the end of the decay; every "
                                     "group ends at the same fraction of its peak")
     )
-    muon_lr: float = field(default=0.02, metadata=_help("Muon's peak learning rate"))
+    muon_lr: float = field(default=0.03, metadata=_help("Muon's peak learning rate"))
     muon_momentum: float = field(default=0.95, metadata=_help("Muon's momentum"))
     muon_weight_decay: float = field(
         default=0.0, metadata=_help("Muon's decoupled weight decay")
@@ -120,7 +120,7 @@ class TrainConfig:
                                       "then linear decay over the last decay_fraction")
     )
     decay_fraction: float = field(
-        default=0.4, metadata=_help("wsd: the fraction of the steps spent decaying")
+        default=0.6, metadata=_help("wsd: the fraction of the steps spent decaying")
     )
     warmup_iters: int = field(default=20, metadata=_help("steps of linear warmup from 0"))
     lr_decay_iters: int | None = field(
