@@ -69,10 +69,12 @@ def train(argv: Sequence[str]) -> int:
     resume = resolve_resume(args.resume, loader, args, launch.world_size) if args.resume else None
     parent = (resolve_parent(args.init_from, args.init_from_checkpoint, loader, args)
               if args.init_from else None)
-    if parent:
-        setup = build_setup(parent.config, parent.tokenizer)
+    if resume or parent:
+        # the run's own vocabulary (it may hold characters this text lacks)
+        start = resume or parent
+        setup = build_setup(start.config, start.tokenizer)
     else:
-        setup = build_setup(resume.config if resume else loader.load(args))
+        setup = build_setup(loader.load(args))
     if setup.config.train.aim_logging:
         check_aim_available()
     state = init_state(setup)

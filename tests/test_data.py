@@ -285,7 +285,7 @@ def test_a_fixed_vocabulary_refuses_text_outside_it(tmp_path, corpus_file):
                                         "the question 0123456")
     with pytest.raises(UnknownCharactersError,
                        match=r"2 character\(s\) outside the vocabulary: 'é', '☃' of the run "
-                             r"being fine-tuned"):
+                             r"it continues"):
         load(corpus_file, tmp_path / "cache", tokenizer=tokenizer)
 
 

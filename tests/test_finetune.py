@@ -81,7 +81,7 @@ def test_a_fine_tune_can_start_from_a_named_checkpoint_on_new_text(parent, tmp_p
                              r"shape; leave it out"),
         (["--position", "learned"], r"cannot set position=learned \(--position\) .*"),
         (["--data-path", "{odd}"], r".*odd.txt: 3 character\(s\) outside the vocabulary: 'Z', "
-                                   r"'é', '☃' of the run being fine-tuned, which cannot encode "
+                                   r"'é', '☃' of the run it continues, which cannot encode "
                                    r"them; use text within its vocabulary"),
         (["--init-from-checkpoint", "step_99"],
          r"no checkpoint 'step_99' in .* \(available: best, last, step_12, step_6\)"),

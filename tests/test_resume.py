@@ -385,7 +385,29 @@ def test_resume_on_a_text_with_other_characters_is_refused(tmp_path, capsys):
     code, _, err = run_in_process(capsys, "--resume", str(run_dir), "--max-iters", "80")
     assert code == 2
     assert err.strip().splitlines() == [
-        f"error: {corpus} no longer has the characters checkpoint "
-        f"{run_dir / 'artifacts' / 'checkpoints' / 'last.safetensors'} was trained on; resume "
-        "with the original text"]
+        f"error: {corpus}: 1 character(s) outside the vocabulary: 'é' of the run it continues, "
+        "which cannot encode them; use text within its vocabulary"]
     assert sorted(p.name for p in run_dir.rglob("*")) == before
+
+
+def test_a_run_resumes_on_text_that_lacks_some_of_its_characters(tmp_path, capsys):
+    """The vocabulary is the run's, fixed when it started: a fine-tuning run on a text with
+    fewer characters than its parent's resumes like any other run."""
+    corpus = tmp_path / "corpus.txt"
+    text = (PROJECT_ROOT / "input.txt").read_text(encoding="utf-8")[:50_000]
+    corpus.write_text(text, encoding="utf-8")
+    runs = tmp_path / "runs"
+    code, _, err = run_in_process(capsys, *TINY, "--max-iters", "20", "--data-path", str(corpus),
+                                  "--runs-dir", str(runs), "--run-tag", "parent")
+    assert code == 0, err
+    (parent,) = runs.iterdir()
+    scene = tmp_path / "scene.txt"
+    scene.write_text(text.replace("e", "E")[:20_000], encoding="utf-8")  # no 'e' at all
+    code, _, err = run_in_process(capsys, *TINY, "--init-from", str(parent), "--data-path",
+                                  str(scene), "--max-iters", "10", "--checkpoint-interval", "5",
+                                  "--runs-dir", str(runs), "--run-tag", "child")
+    assert code == 0, err
+    (child,) = [run for run in runs.iterdir() if run != parent]
+    code, _, err = run_in_process(capsys, "--resume", str(child), "--max-iters", "15")
+    assert code == 0, err
+    assert "resuming" in err

@@ -39,6 +39,7 @@ class Resume:
     run: RunPaths
     checkpoint: Path
     config: Config  # the run's saved config with the allowed overrides applied
+    tokenizer: CharTokenizer  # the run's vocabulary: the text is read in it, not its own
 
 
 def resolve_resume(which: str, loader: ConfigLoader, args: argparse.Namespace,
@@ -57,7 +58,7 @@ def resolve_resume(which: str, loader: ConfigLoader, args: argparse.Namespace,
             f"run {run.run_id} is finished ({meta['step']} of {config.train.max_iters} steps); "
             f"pass --max-iters N with N > {meta['step']} to train it further"
         )
-    return Resume(run, checkpoint, config)
+    return Resume(run, checkpoint, config, CharTokenizer(meta["tokenizer"]))
 
 
 def check_world_size(run: RunPaths, saved: int, current: int) -> None:

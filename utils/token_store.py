@@ -191,8 +191,8 @@ def _vocabulary(spec: StoreSpec, characters: CharacterSet) -> CharTokenizer:
         unknown = spec.tokenizer.unknown_characters(characters.chars)
         if unknown:
             raise UnknownCharactersError(
-                f"{spec.data_path}: {spec.tokenizer.describe_unknown(unknown)} of the run being "
-                "fine-tuned, which cannot encode them; use text within its vocabulary"
+                f"{spec.data_path}: {spec.tokenizer.describe_unknown(unknown)} of the run it "
+                "continues, which cannot encode them; use text within its vocabulary"
             )
         return spec.tokenizer
     if len(characters.chars) > MAX_VOCABULARY:
