@@ -37,8 +37,10 @@ def torchrun_command(*args: str, launcher_flags: tuple[str, ...] = ()) -> list[s
 
 
 def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith("CHARGPT_") and k not in distributed.TORCHRUN_VARIABLES}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CHARGPT_") and k not in distributed.TORCHRUN_VARIABLES}
+    env["CHARGPT_TOKEN_CACHE"] = os.environ["CHARGPT_TOKEN_CACHE"]  # the session's, see conftest
+    return env
 
 
 def torchrun(*args: str, launcher_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -73,8 +75,10 @@ def test_two_processes_make_one_run_that_learns(tmp_path: Path, corpus_file: Pat
     assert result.stderr.count("2 process(es); global batch 16 sequences (8 x 1 accumulation x 2)"
                                " = 512 tokens per step") == 1
     assert result.stdout.count("run folder:") == 1
+    # after the CHARGPT_* settings of the environment (the tests' token cache)
     assert (run / "meta" / "command.txt").read_text().startswith(
-        "torchrun --standalone --nproc_per_node=2 train.py")
+        f"CHARGPT_TOKEN_CACHE={os.environ['CHARGPT_TOKEN_CACHE']} torchrun --standalone "
+        "--nproc_per_node=2 train.py")
     events = list((run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1
     scalars = EventAccumulator(str(events[0])).Reload()
