@@ -25,11 +25,11 @@ import torch
 from model import RMS_NORM_EPS, ROPE_BASE, LanguageModel, ModelConfig
 from tokenizer import CharTokenizer
 from utils import console
-from utils.checkpoint import find_checkpoint, load_checkpoint_model, load_export
 from utils.config import ArgumentParser
 from utils.errors import UserError
-from utils.runs import find_run
+from utils.runs import load_run_model
 
+CLASSES = {"gpt2": "GPT2LMHeadModel", "nanochat": "NanoChatForCausalLM"}
 LAYER_NORM_EPS = 1e-5  # torch's LayerNorm default, which chargpt uses, and GPT-2's
 
 # what each layout fixes: (field, value it needs, what the layout lacks otherwise)
@@ -183,21 +183,12 @@ def run_export(argv: Sequence[str]) -> int:
                              "the run's final export")
     parser.add_argument("--out", type=Path, required=True, help="folder to write")
     args = parser.parse_args(argv)
-    if args.checkpoint:
-        run = find_run(args.run, args.runs_dir, "artifacts/checkpoints", "checkpoints")
-        model, tokenizer = load_checkpoint_model(find_checkpoint(run.checkpoints,
-                                                                 args.checkpoint))
-    else:
-        run = find_run(args.run, args.runs_dir, "artifacts/export/model.safetensors",
-                       "an export")
-        model, tokenizer = load_export(run.export)
+    saved = load_run_model(args.run, args.runs_dir, args.checkpoint)
+    model, tokenizer = saved.model, saved.tokenizer
     layout = layout_for(model.config)
     export(model, tokenizer, args.out)
-    console.info(f"exported {run.root} as {CLASSES[layout]} to {args.out}")
+    console.info(f"exported {saved.source} as {CLASSES[layout]} to {args.out}")
     return 0
-
-
-CLASSES = {"gpt2": "GPT2LMHeadModel", "nanochat": "NanoChatForCausalLM"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

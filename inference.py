@@ -23,17 +23,10 @@ from model import (
 )
 from tokenizer import CharTokenizer, UnknownCharactersError
 from utils import console
-from utils.checkpoint import (
-    CHECKPOINT_SUFFIX,
-    WEIGHTS_FILE,
-    find_checkpoint,
-    load_checkpoint_model,
-    load_export,
-)
 from utils.config import DTYPES, ArgumentParser
 from utils.device import autocast, resolve_device, resolve_dtype
 from utils.errors import UserError
-from utils.runs import RunPaths, find_run
+from utils.runs import load_run_model
 
 SAMPLE_SEPARATOR = "\n---------------\n"
 
@@ -153,14 +146,6 @@ def stream_samples(
         yield row, stop_filter.flush()
 
 
-def resolve_run(run: str, runs_dir: Path, checkpoint: str | None) -> RunPaths:
-    """The run to load: --run, or the newest run that has what --checkpoint asks for."""
-    if checkpoint:
-        return find_run(run, runs_dir, f"artifacts/checkpoints/{checkpoint}{CHECKPOINT_SUFFIX}",
-                        f"a checkpoint '{checkpoint}'")
-    return find_run(run, runs_dir, f"artifacts/export/{WEIGHTS_FILE}", "an export")
-
-
 def read_prompt(args: argparse.Namespace) -> str:
     if args.prompt_file is None:
         prompt = args.prompt
@@ -190,7 +175,6 @@ def generate(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     sampling = check_args(args)
     prompt = read_prompt(args)
-    run = resolve_run(args.run, args.runs_dir, args.checkpoint)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if args.quantize and device.type != "cpu":
@@ -199,11 +183,8 @@ def generate(argv: Sequence[str]) -> int:
     if args.quantize and dtype != torch.float32:
         raise UserError(f"--quantize {args.quantize} and --dtype {args.dtype} each set the "
                         "weights' precision; pass one of them")
-    if args.checkpoint:
-        path = find_checkpoint(run.checkpoints, args.checkpoint)
-        model, tokenizer = load_checkpoint_model(path, device)
-    else:
-        model, tokenizer = load_export(run.export, device)
+    saved = load_run_model(args.run, args.runs_dir, args.checkpoint, device)
+    model, tokenizer = saved.model, saved.tokenizer
     if device.type == "cpu":
         # weights laid out once for decoding; bfloat16 and int8 live in the weights, so the
         # activations stay float32 and need no autocast

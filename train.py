@@ -81,7 +81,7 @@ def train(argv: Sequence[str]) -> int:
     if resume:
         restore_checkpoint(state, resume.checkpoint, setup.config, setup.tokenizer, launch.rank)
     if parent:
-        state.model.load_state_dict(parent.model.state_dict())
+        state.model.load_state_dict(parent.saved.model.state_dict())
     # every input is valid: only now do processes join up and the run get (or touch) a folder
     with distributed.process_group(launch, setup.device) as group:
         state.step_model = group.wrap(state.step_model, setup.device)
@@ -96,7 +96,7 @@ def train(argv: Sequence[str]) -> int:
                      + describe(state, setup))
         tracker = Tracker.open(run, setup.config, metadata, resume_step=resumed_at_step)
         if parent:
-            console.info(f"fine-tuning {parent.source}")
+            console.info(f"fine-tuning {parent.saved.source}")
             evaluate(state, setup, tracker)  # where it starts: the parent's weights on this text
         return fit(state, setup, run, tracker)
 

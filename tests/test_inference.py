@@ -14,7 +14,7 @@ from inference import StopFilter
 from model import LanguageModel, ModelConfig
 from tests.conftest import randomised
 from tokenizer import CharTokenizer
-from utils.checkpoint import save_export, weights_of
+from utils.checkpoint import load_export, save_export, weights_of
 from utils.runs import create_run
 
 VOCAB = "\nabcdefghijklmnopqrstuvwxyz .,"
@@ -105,6 +105,9 @@ def test_bad_input_gets_one_line_and_exit_2(exported_run, tmp_path, capsys):
         (["--run", run, "--prompt", "ZQ!"], r"the prompt has 3 character\(s\) outside the "
                                             r"vocabulary: '!', 'Q', 'Z'"),
         (["--run", run, "--top-k", "x"], "invalid int value"),
+        (["--run", run, "--quantize", "int8", "--dtype", "bfloat16"],
+         "--quantize int8 and --dtype bfloat16 each set the weights' precision; pass one of them"),
+        (["--run", run, "--quantize", "int4"], "argument --quantize: invalid choice: 'int4'"),
     ]
     for argv, message in cases:
         code, out, err = run_inference(capsys, *argv)
@@ -130,7 +133,7 @@ def test_corrupt_weights_are_reported(exported_run, capsys):
 
 def test_config_that_does_not_match_the_weights_names_the_tensor(exported_run, capsys):
     export = exported_run / "artifacts" / "export"
-    model, _ = inference.load_export(export)
+    model, _ = load_export(export)
     weights = weights_of(model)
     weights["blocks.0.mlp.fc.weight"] = torch.zeros(3, 3)
     save_file(weights, export / "model.safetensors")
@@ -193,3 +196,17 @@ def test_sampling_flags_reach_the_sampler(exported_run, capsys):
                          "--seed", "9")[1] == greedy
     assert run_inference(capsys, *base, "--temperature", "0",
                          "--repetition-penalty", "1000")[1] != greedy
+
+
+@pytest.mark.parametrize("flags", [["--dtype", "bfloat16"], ["--quantize", "int8"]],
+                         ids=["bfloat16", "int8"])
+def test_smaller_cpu_weights_generate_text_of_the_vocabulary(exported_run, capsys, flags):
+    """On a CPU, --dtype bfloat16 and --quantize int8 store the decode weights smaller; the
+    model and the sampling are otherwise the same."""
+    base = ["--run", str(exported_run), "--max-new-tokens", "30", "--prompt", "ab",
+            "--device", "cpu", "--seed", "3"]
+    code, out, err = run_inference(capsys, *base, *flags)
+    assert code == 0, err
+    assert out.startswith("ab") and len(out) == 2 + 30 + 1
+    assert set(out) <= set(VOCAB)
+    assert "decode" in err.strip().splitlines()[-1]

@@ -17,19 +17,11 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from model import LanguageModel
 from tokenizer import CharTokenizer
-from utils.checkpoint import (
-    CHECKPOINT_SUFFIX,
-    WEIGHTS_FILE,
-    checkpoint_meta,
-    find_checkpoint,
-    load_checkpoint_model,
-    load_export,
-)
+from utils.checkpoint import CHECKPOINT_SUFFIX, checkpoint_meta, find_checkpoint
 from utils.config import Config, ConfigLoader
 from utils.errors import UserError
-from utils.runs import RunPaths, find_run
+from utils.runs import RunPaths, SavedModel, find_run, load_run_model
 
 RESUMED_CHECKPOINT = "last"
 
@@ -77,30 +69,22 @@ def check_world_size(run: RunPaths, saved: int, current: int) -> None:
 class Parent:
     """The run a fine-tuning run starts from."""
 
-    run: RunPaths
-    source: Path  # its export folder, or the checkpoint file
-    model: LanguageModel  # its weights, on the CPU
-    tokenizer: CharTokenizer
+    saved: SavedModel  # its weights (on the CPU) and tokenizer
     config: Config  # defaults and flags, with the parent's model shape
+
+    @property
+    def tokenizer(self) -> CharTokenizer:
+        return self.saved.tokenizer
 
     def describe(self) -> dict[str, str]:
         """What meta/parent.json records."""
-        kind = "export" if self.source == self.run.export else "checkpoint"
-        return {"run": str(self.run.root), kind: str(self.source)}
+        kind = "export" if self.saved.source == self.saved.run.export else "checkpoint"
+        return {"run": str(self.saved.run.root), kind: str(self.saved.source)}
 
 
 def resolve_parent(which: str, checkpoint: str | None, loader: ConfigLoader,
                    args: argparse.Namespace) -> Parent:
     """The run to fine-tune (a folder or 'latest'): its export, or with checkpoint
     ('last', 'best', 'step_N') that checkpoint."""
-    runs_dir = Path(loader.load(args).train.runs_dir)
-    if checkpoint is None:
-        run = find_run(which, runs_dir, f"artifacts/export/{WEIGHTS_FILE}", "an export")
-        source = run.export
-        model, tokenizer = load_export(source)
-    else:
-        run = find_run(which, runs_dir, "artifacts/checkpoints", "checkpoints")
-        source = find_checkpoint(run.checkpoints, checkpoint)
-        model, tokenizer = load_checkpoint_model(source)
-    config = loader.load_for_fine_tune(model.config, args)
-    return Parent(run, source, model, tokenizer, config)
+    saved = load_run_model(which, Path(loader.load(args).train.runs_dir), checkpoint)
+    return Parent(saved, loader.load_for_fine_tune(saved.model.config, args))

@@ -3,6 +3,7 @@
     run = create_run(Path("runs"), "baseline")   # runs/20261122_143000_baseline/
     write_metadata(run, config.to_dict(), command)
     run = find_run("latest", Path("runs"), "artifacts/export/model.safetensors", "an export")
+    saved = load_run_model("latest", Path("runs"), checkpoint="best")   # its weights, to use
 """
 
 from __future__ import annotations
@@ -21,7 +22,16 @@ from typing import Any
 
 import torch
 
-from utils.checkpoint import remove_partial_writes
+from model import LanguageModel
+from tokenizer import CharTokenizer
+from utils.checkpoint import (
+    CHECKPOINT_SUFFIX,
+    WEIGHTS_FILE,
+    find_checkpoint,
+    load_checkpoint_model,
+    load_export,
+    remove_partial_writes,
+)
 from utils.config import ENV_PREFIX, PROJECT_ROOT, Config
 from utils.errors import UserError
 
@@ -185,3 +195,29 @@ def open_run(run: RunPaths | None, config: Config, command: str,
         metadata["parent"] = json.dumps(parent, indent=2) + "\n"
         (run.meta / "parent.json").write_text(metadata["parent"], encoding="utf-8")
     return run, metadata
+
+
+@dataclass(frozen=True)
+class SavedModel:
+    """A run's trained model, as inference.py, export.py and --init-from load it."""
+
+    run: RunPaths
+    source: Path  # the run's export folder, or the checkpoint file
+    model: LanguageModel  # in eval mode
+    tokenizer: CharTokenizer
+
+
+def load_run_model(which: str, runs_dir: Path, checkpoint: str | None = None,
+                   device: torch.device | str = "cpu") -> SavedModel:
+    """The model of run `which` (a folder, or 'latest': the newest run that has what is
+    asked for): its export, or with `checkpoint` (last, best, step_N) that checkpoint."""
+    if checkpoint:
+        run = find_run(which, runs_dir, f"artifacts/checkpoints/{checkpoint}{CHECKPOINT_SUFFIX}",
+                       f"a checkpoint '{checkpoint}'")
+        source = find_checkpoint(run.checkpoints, checkpoint)
+        model, tokenizer = load_checkpoint_model(source, device)
+    else:
+        run = find_run(which, runs_dir, f"artifacts/export/{WEIGHTS_FILE}", "an export")
+        source = run.export
+        model, tokenizer = load_export(source, device)
+    return SavedModel(run, source, model, tokenizer)
