@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from tokenizer import CharTokenizer
+from utils import console
+from utils.config import ConfigLoader
 from utils.errors import DataError
 from utils.token_store import StoreSpec, TokenStore, open_token_store
 
@@ -280,19 +282,20 @@ def describe(corpus: Corpus) -> Iterable[str]:
     yield f"store:      {store.path} ({how})"
 
 
+def report(argv: Sequence[str]) -> int:
+    """The corpus report for train.py's data flags (--data-path, --text-field, ...)."""
+    loader = ConfigLoader()
+    config = loader.load(loader.build_parser(__doc__).parse_args(argv))
+    cfg = config.train
+    corpus = load_corpus(cfg.data_path, cfg.text_field, cfg.train_split, cfg.token_cache,
+                         config.model.block_size)
+    print("\n".join(describe(corpus)))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from utils import console
-    from utils.config import ConfigLoader
-
-    def report(args: Sequence[str]) -> int:
-        loader = ConfigLoader()
-        cfg = loader.load(loader.build_parser(__doc__).parse_args(args))
-        corpus = load_corpus(cfg.train.data_path, cfg.train.text_field, cfg.train.train_split,
-                             cfg.train.token_cache, cfg.model.block_size)
-        print("\n".join(describe(corpus)))
-        return 0
-
     return console.run_main(report, sys.argv[1:] if argv is None else argv)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -94,11 +94,12 @@ class CharTokenizer:
         Python loop; the same ids as encode()."""
         codes = code_points(text)
         table = self._ids_by_code
+        # a code point past the table, or one it maps to -1, is outside the vocabulary
         if len(codes) and int(codes.max()) >= len(table):
-            self.encode(text)  # raises, listing the unknown characters
+            raise UnknownCharactersError(self.describe_unknown(set(text)))
         ids = table[codes]
         if (ids < 0).any():
-            self.encode(text)
+            raise UnknownCharactersError(self.describe_unknown(set(text)))
         return ids.astype(token_dtype(self.vocab_size))
 
     def unknown_characters(self, chars: Iterable[str]) -> list[str]:
