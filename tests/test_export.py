@@ -13,7 +13,7 @@ import inference
 from model import CLASSIC_ARCHITECTURE, LanguageModel, ModelConfig
 from tests.conftest import randomised, run_script
 from tokenizer import CharTokenizer
-from utils.checkpoint import save_export
+from utils.checkpoint import load_checkpoint_model, save_export
 from utils.runs import RunPaths
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\tSpeak, speak. é☃"
@@ -117,3 +117,24 @@ def test_the_command_line_exports_a_run_and_refuses_in_one_line(tmp_path):
         "NanoChatForCausalLM, which has only RMSNorm; only GPT-2's and NanoChat's option sets "
         "export exactly"]
     assert not (tmp_path / "x").exists()
+
+
+def test_a_checkpoint_exports_as_well_as_the_final_weights(tmp_path, corpus_file):
+    """--checkpoint NAME exports that checkpoint's weights, here of a classic-preset run."""
+    runs = tmp_path / "runs"
+    trained = run_script("train.py", "--config", "configs/presets/classic.yaml",
+                         "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
+                         "--data-path", str(corpus_file), "--max-iters", "6",
+                         "--checkpoint-interval", "3", "--eval-iters", "2", "--sample-tokens",
+                         "0", "--no-aim", "--runs-dir", str(runs))
+    assert trained.returncode == 0, trained.stderr
+    (run,) = runs.iterdir()
+    result = run_script("export.py", "--run", str(run), "--checkpoint", "step_3",
+                        "--out", str(tmp_path / "hf"))
+    assert result.returncode == 0, result.stderr
+    assert "as GPT2LMHeadModel" in result.stderr
+    model, _ = load_checkpoint_model(run / "artifacts" / "checkpoints" / "step_3.safetensors")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(model.config.vocab_size, (2, model.config.block_size))
+    with torch.no_grad():
+        assert (model(ids)[0] - hf(ids).logits).abs().max().item() <= 1e-5

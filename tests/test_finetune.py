@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import train
 from tests.conftest import run_script
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
@@ -91,16 +92,19 @@ def test_a_fine_tune_can_start_from_a_named_checkpoint_on_new_text(parent, tmp_p
     ids=["shape-flag", "architecture-flag", "characters-outside-the-vocabulary",
          "missing-checkpoint", "with-resume"],
 )
-def test_fine_tune_refusals_are_one_line_and_make_no_run(parent, tmp_path, flags, message):
+def test_fine_tune_refusals_are_one_line_and_make_no_run(parent, tmp_path, flags, message,
+                                                        capsys):
     run, text, _ = parent
     odd = tmp_path / "odd.txt"
     odd.write_text("ROMEO. Zé ☃ " * 20, encoding="utf-8")
     flags = [flag.format(odd=odd) for flag in flags]
     if "--data-path" not in flags:
         flags += ["--data-path", str(text)]
-    result = fine_tune(run, tmp_path, *flags, "--max-iters", "2")
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+    # in process, as the command line runs it: train.main prints the error and returns the code
+    code = train.main([*TINY, "--init-from", str(run), "--runs-dir", str(tmp_path / "runs"),
+                       *flags, "--max-iters", "2"])
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and re.fullmatch("error: " + message, lines[0]), lines
     assert not (tmp_path / "runs").exists()
 

@@ -25,6 +25,7 @@ from utils.budget import SAFETY_MARGIN, Timings, steps_within
 from utils.checkpoint import load_export
 from utils.config import TrainConfig
 from utils.optimizers import MuonWithAdamW, build_optimizer, lr_at, lr_factor
+from utils.runs import RunPaths
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "48", "--block-size", "32",
         "--batch-size", "16", "--eval-iters", "10", "--sample-tokens", "50", "--device", "cpu"]
@@ -176,6 +177,25 @@ def test_full_split_loss_averages_every_non_overlapping_window(tiny_config):
                for i in range(0, len(val) - block, block)]
     expected = sum(model(x[None], y[None])[1].item() for x, y in windows) / len(windows)
     assert full_split_loss(model, setup) == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_capped_full_split_pass_scores_the_first_windows_and_says_so(tiny_config, tmp_path,
+                                                                      capsys):
+    """full_split_max_tokens keeps the pass short on a large corpus: it scores the split's
+    first windows, and the report names how much of the split that was."""
+    cfg = TrainConfig(batch_size=3, full_split_max_tokens=100, sample_tokens=0)
+    setup = cpu_setup(tiny_config, cfg, ids=torch.randint(tiny_config.vocab_size, (2000,)))
+    model = LanguageModel(tiny_config)
+    val, block = torch.from_numpy(setup.splits.val.astype(np.int64)), tiny_config.block_size
+    windows = [(val[i:i + block], val[i + 1:i + block + 1]) for i in range(0, 6 * block, block)]
+    expected = sum(model(x[None], y[None])[1].item() for x, y in windows) / len(windows)
+    assert train.full_split_windows(setup) == 100 // block == 6
+    assert full_split_loss(model, setup) == pytest.approx(expected, abs=1e-5)
+    state = state_for(model, torch.optim.SGD(model.parameters(), lr=0.1), None)
+    state.last_losses = {"train": 1.0, "val": 2.0, "val_full": 3.0}
+    train.report(RunPaths(tmp_path), state, setup)
+    assert (f"full-split val loss 3.0000 (first 96 of {len(val)} val tokens)"
+            in capsys.readouterr().out)
 
 
 def test_the_budget_fits_steps_evaluations_and_the_end():
