@@ -175,15 +175,19 @@ def fit_to_budget(state: TrainingState, setup: Setup, started: float) -> Setup:
 def measure_timings(state: TrainingState, setup: Setup) -> budget.Timings:
     """Seconds per step, per evaluation and for the end of the run, on this machine."""
     cfg, device = setup.config.train, setup.device
-    step = budget.time_steps(lambda: optimizer_step(state, setup), device)
+    step = budget.time_steps(lambda: optimizer_step(state, setup), device,
+                             budget.calibration_seconds(cfg.time_budget))
     sampled = budget.time_call(lambda: estimate_loss(state.step_model, setup), device)
-    sample = budget.time_call(
-        lambda: sample_text(state.model, setup, cfg.sample_tokens), device)
+    # each sampled character costs about the same (the KV cache): time a few, then scale
+    timed_tokens = min(cfg.sample_tokens, budget.SAMPLE_TIMING_TOKENS)
+    sample = budget.time_call(lambda: sample_text(state.model, setup, timed_tokens), device)
+    sample *= cfg.sample_tokens / max(1, timed_tokens)
     # a full-split pass runs batches of the same shape as the sampled estimate's
     per_batch = sampled / (2 * cfg.eval_iters)
     full = per_batch * math.ceil(full_split_windows(setup) / cfg.batch_size)
     evaluation = (sampled / 2 + full if cfg.eval_full else sampled) + sample
-    return budget.Timings(step=step, evaluation=evaluation, end=full + sample)
+    # the run ends with an evaluation, whose sample the report shows: the end adds no sample
+    return budget.Timings(step=step, evaluation=evaluation, end=full)
 
 
 def fit(state: TrainingState, setup: Setup, run: RunPaths, tracker: Tracker) -> int:
@@ -396,8 +400,8 @@ def evaluate(state: TrainingState, setup: Setup, tracker: Tracker) -> bool:
     tracker.log({"train/loss_eval": losses["train"], "val/loss": losses["val"],
                  "val/perplexity": math.exp(losses["val"])}, state.step)
     if cfg.sample_tokens and distributed.is_main_process():
-        tracker.log_text("samples", sample_text(state.model, setup, cfg.sample_tokens),
-                         state.step)
+        state.last_sample = (state.step, sample_text(state.model, setup, cfg.sample_tokens))
+        tracker.log_text("samples", state.last_sample[1], state.step)
     console.info(f"step {state.step}: train loss {losses['train']:.4f}, "
                  f"val loss {losses['val']:.4f}{' (full split)' if cfg.eval_full else ''}")
     return improved
@@ -514,7 +518,10 @@ def describe(state: TrainingState, setup: Setup) -> str:
 
 def report(run: RunPaths, state: TrainingState, setup: Setup) -> None:
     """The script's final user-facing output: a sample, the final losses and the run folder."""
-    sample = sample_text(state.model, setup, setup.config.train.sample_tokens)
+    if state.last_sample is not None and state.last_sample[0] == state.step:
+        sample = state.last_sample[1]
+    else:
+        sample = sample_text(state.model, setup, setup.config.train.sample_tokens)
     print(f"--- sample ---\n{sample}\n--------------")
     losses = state.last_losses
     if losses:

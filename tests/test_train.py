@@ -21,7 +21,13 @@ import train
 from model import LanguageModel, ModelConfig
 from tests.conftest import OPTION_SETS, PROJECT_ROOT, cpu_setup, run_script, state_for
 from train import estimate_loss, full_split_loss, optimizer_step
-from utils.budget import SAFETY_MARGIN, Timings, steps_within
+from utils.budget import (
+    CALIBRATION_SECONDS,
+    SAFETY_MARGIN,
+    Timings,
+    calibration_seconds,
+    steps_within,
+)
 from utils.checkpoint import load_export
 from utils.config import TrainConfig
 from utils.optimizers import MuonWithAdamW, build_optimizer, lr_at, lr_factor
@@ -205,6 +211,11 @@ def test_the_budget_fits_steps_evaluations_and_the_end():
     spent = steps * 0.1 + evaluations * 2.0 + 3.0
     usable = 100.0 * (1 - SAFETY_MARGIN)
     assert spent <= usable < spent + 0.1 + 2.0 + 1e-9  # one more step would not fit
+
+
+def test_calibration_takes_a_small_share_of_a_short_budget():
+    assert calibration_seconds(240.0) == CALIBRATION_SECONDS
+    assert calibration_seconds(12.0) == pytest.approx(0.6)  # not a quarter of a 12-s run
 
 
 def test_a_time_budget_becomes_a_recorded_max_iters_that_repeats_the_run(tmp_path):

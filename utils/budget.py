@@ -19,7 +19,10 @@ from utils import distributed
 from utils.device import synchronize
 
 CALIBRATION_SECONDS = 3.0  # of timed steps: enough to average out a few slow ones
+# ...but never more than this share of the budget: a 12-s GPU run cannot spend 3 s measuring
+CALIBRATION_SHARE = 0.05
 MIN_TIMED_STEPS, MAX_TIMED_STEPS = 3, 50
+SAMPLE_TIMING_TOKENS = 50  # a sample's time grows with its length: time this many, then scale
 # what the estimate cannot see: a checkpoint write, the final export, and above all steps that
 # run slower over a whole run than in its first seconds (5-14% on the 2-core CPU in BENCHMARKS)
 SAFETY_MARGIN = 0.10
@@ -31,11 +34,18 @@ class Timings:
 
     step: float  # one optimizer step
     evaluation: float  # one evaluation: losses and the sample
-    end: float  # what follows the last step: the full-split evaluation and the final sample
+    end: float  # what follows the last step and its evaluation: the full-split evaluation
 
 
-def time_steps(step: Callable[[], object], device: torch.device) -> float:
-    """Seconds per call of step, after one untimed call that builds kernels and buffers.
+def calibration_seconds(time_budget: float) -> float:
+    """How long to time steps for, within a budget of time_budget seconds."""
+    return min(CALIBRATION_SECONDS, CALIBRATION_SHARE * time_budget)
+
+
+def time_steps(step: Callable[[], object], device: torch.device,
+               seconds: float = CALIBRATION_SECONDS) -> float:
+    """Seconds per call of step over about `seconds` of calls, after one untimed call that
+    builds kernels and buffers.
 
     Every rank times the same number of steps (they run collectives together)."""
     step()
@@ -44,7 +54,7 @@ def time_steps(step: Callable[[], object], device: torch.device) -> float:
     step()
     synchronize(device)
     first = time.perf_counter() - start
-    wanted = round(CALIBRATION_SECONDS / max(first, 1e-6))
+    wanted = round(seconds / max(first, 1e-6))
     count = distributed.max_over_ranks(min(MAX_TIMED_STEPS, max(MIN_TIMED_STEPS, wanted)),
                                        device)
     start = time.perf_counter()

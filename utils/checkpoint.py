@@ -228,6 +228,9 @@ class TrainingState:
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
     last_saved_step: int | None = None  # the step the `last` checkpoint holds
+    # (step, text) of the last evaluation's sample: the report reuses it rather than sampling
+    # the same weights with the same seed again; not saved, an evaluation remakes it
+    last_sample: tuple[int, str] | None = None
 
 
 @dataclass(frozen=True)
