@@ -191,3 +191,24 @@ def test_a_run_saved_before_the_new_options_resumes_as_it_trained(tmp_path):
     assert (config.model.position, config.model.tie_embeddings) == ("learned", True)
     assert (config.train.optimizer, config.train.schedule) == ("adamw", "cosine")
     assert (config.train.max_iters, config.train.time_budget) == (30, None)
+
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs" / "presets"
+PRESETS = sorted(PRESETS_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_preset_loads_and_trains_for_its_time_budget(tmp_path, preset):
+    """Presets name only known fields with valid values, and a preset is sized in seconds:
+    `python train.py --config PRESET` takes the same time on any machine."""
+    config = load(make_loader(tmp_path, config_json={}), "--config", str(preset))
+    assert config.train.time_budget is not None
+    assert config.train.run_tag == preset.stem
+
+
+def test_the_gpu_preset_is_the_baby_gpt_shape_on_the_default_recipe(tmp_path):
+    config = load(make_loader(tmp_path, config_json={}), "--config", str(PRESETS_DIR / "gpu.yaml"))
+    model, train = config.model, config.train
+    assert (model.n_layer, model.n_head, model.n_embd, model.block_size) == (6, 6, 384, 256)
+    assert (model.position, model.norm, model.mlp, train.optimizer) == (
+        ModelConfig().position, ModelConfig().norm, ModelConfig().mlp, TrainConfig().optimizer)
