@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", default="float32", choices=DTYPES,
         help="on a GPU the autocast precision (default: float32, the fastest for decoding "
              "small models); on a CPU bfloat16 stores the weights in bfloat16")
-    add("--quantize", choices=["int8"],
-        help="CPU: int8 weights, one scale per output channel (smaller and faster, close to "
-             "float32)")
+    add("--quantize", choices=["int8", "int8-dynamic"],
+        help="CPU: int8 weights, one scale per output channel; int8-dynamic also rounds each "
+             "layer's input to int8 (FBGEMM): the fastest for larger models (BENCHMARKS.md)")
     add("--no-kv-cache", action="store_true",
         help="recompute the whole context every step (the slow reference path)")
     add("--no-stream", action="store_true", help="print each sample only once it is complete")
@@ -222,7 +223,7 @@ def generate(argv: Sequence[str]) -> int:
 
 def decode_weights(quantize: str | None, dtype: torch.dtype) -> DecodeWeights:
     if quantize:
-        return "int8"
+        return typing.cast(DecodeWeights, quantize)
     return "bfloat16" if dtype == torch.bfloat16 else "float32"
 
 

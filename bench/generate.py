@@ -35,7 +35,8 @@ from utils.setup import setup_from_flags  # noqa: E402
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "presets" / "gpu.yaml"
 SHAPES = {"default": [], "gpu": ["--config", str(PRESET)]}  # train.py flags
-LAYOUTS = ("F.linear", "float32", "bfloat16", "int8")  # F.linear: the model as trained
+# F.linear: the model as trained; the others: prepared_for_decoding
+LAYOUTS = ("F.linear", "float32", "bfloat16", "int8", "int8-dynamic")
 
 
 def decoding_model(model: LanguageModel, layout: str) -> LanguageModel:

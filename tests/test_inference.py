@@ -198,8 +198,9 @@ def test_sampling_flags_reach_the_sampler(exported_run, capsys):
                          "--repetition-penalty", "1000")[1] != greedy
 
 
-@pytest.mark.parametrize("flags", [["--dtype", "bfloat16"], ["--quantize", "int8"]],
-                         ids=["bfloat16", "int8"])
+@pytest.mark.parametrize("flags", [["--dtype", "bfloat16"], ["--quantize", "int8"],
+                                   ["--quantize", "int8-dynamic"]],
+                         ids=["bfloat16", "int8", "int8-dynamic"])
 def test_smaller_cpu_weights_generate_text_of_the_vocabulary(exported_run, capsys, flags):
     """On a CPU, --dtype bfloat16 and --quantize int8 store the decode weights smaller; the
     model and the sampling are otherwise the same."""

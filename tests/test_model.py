@@ -161,9 +161,11 @@ def test_float32_decode_weights_compute_the_same_model(tiny_config, options):
     assert any(isinstance(m, torch.nn.Linear) for m in model.modules())  # the original is kept
 
 
-@pytest.mark.parametrize(("weights", "tolerance"), [("bfloat16", 0.05), ("int8", 0.05)])
+@pytest.mark.parametrize(("weights", "tolerance"),
+                         [("bfloat16", 0.05), ("int8", 0.05), ("int8-dynamic", 0.05)])
 def test_smaller_decode_weights_stay_close_to_float32(tiny_config, weights, tolerance):
-    """bfloat16 and int8 weights move the logits by a small fraction of their spread."""
+    """bfloat16 and int8 weights (and int8 inputs) move the logits by a small fraction of
+    their spread."""
     model = randomised(LanguageModel(tiny_config)).eval()
     prepared = prepared_for_decoding(model, weights)
     idx = torch.randint(tiny_config.vocab_size, (2, tiny_config.block_size))
