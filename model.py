@@ -315,38 +315,49 @@ class DecodeLinear(nn.Module):
                  weights: DecodeWeights) -> None:
         super().__init__()
         self.weights = weights
-        weight = weight.detach()
-        if weights in ("int8", "int8-dynamic"):
-            # symmetric per-output-channel: the largest weight of each row maps to 127
-            scale = weight.abs().amax(dim=1).clamp(min=1e-12).float() / 127.0
-            self.register_buffer("weight", torch.round(weight / scale[:, None]).clamp(
-                -127, 127).to(torch.int8))
+        weight, bias = weight.detach(), None if bias is None else bias.detach().clone()
+        self.register_buffer("bias", bias)
+        if weights == "int8":
+            int8, scale = int8_per_channel(weight)
+            self.register_buffer("weight", int8)
             self.register_buffer("scale", scale)
-            if weights == "int8-dynamic":
-                with warnings.catch_warnings():
-                    # torch marks quantized tensors deprecated; its packed linear still needs one
-                    warnings.filterwarnings("ignore", message=".*quantized tensor creation")
-                    quantized = torch._make_per_channel_quantized_tensor(
-                        self.weight, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
-                self.packed = torch.ops.quantized.linear_prepack(
-                    quantized, None if bias is None else bias.detach().float())
+        elif weights == "int8-dynamic":
+            # the packed weights (and the bias) live in the quantized engine's own object
+            self.packed = packed_int8_linear(weight, bias)
+            self.bias = None
         else:
             self.register_buffer("weight", weight.t().contiguous().to(getattr(torch, weights)))
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.size(-1)).float()
         if self.weights == "int8-dynamic":
             # reduce_range: 7-bit inputs, so the int16 sums cannot overflow without VNNI
-            y = torch.ops.quantized.linear_dynamic(rows, self.packed, True)
-            return y.view(*x.shape[:-1], -1).to(x.dtype)  # the packed weights hold the bias
-        if self.weights == "int8":
-            y = torch._weight_int8pack_mm(rows, self.weight, self.scale).view(
-                *x.shape[:-1], -1)
+            y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.size(-1)).float(),
+                                                   self.packed, True)
+        elif self.weights == "int8":
+            y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)).float(), self.weight,
+                                          self.scale)
         else:
             y = torch.matmul(x.to(self.weight.dtype), self.weight)
-        y = y.to(x.dtype)
+        y = y.view(*x.shape[:-1], -1).to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+
+def int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, float32 scale per output channel), symmetric: each row's largest
+    magnitude maps to 127."""
+    scale = weight.abs().amax(dim=1).clamp(min=1e-12).float() / 127.0
+    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def packed_int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+    """The weight as int8_per_channel gives it, packed for torch.ops.quantized.linear_dynamic."""
+    int8, scale = int8_per_channel(weight)
+    with warnings.catch_warnings():
+        # torch marks quantized tensors deprecated; its packed linear still needs one
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation")
+        quantized = torch._make_per_channel_quantized_tensor(
+            int8, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+    return torch.ops.quantized.linear_prepack(quantized, None if bias is None else bias.float())
 
 
 def prepared_for_decoding(model: LanguageModel, weights: DecodeWeights = "float32"
