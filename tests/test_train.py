@@ -204,6 +204,23 @@ def test_a_capped_full_split_pass_scores_the_first_windows_and_says_so(tiny_conf
             in capsys.readouterr().out)
 
 
+def test_the_report_shows_the_last_evaluations_sample_of_the_same_weights(tiny_config, tmp_path,
+                                                                          capsys):
+    """The end of a run prints the sample its last evaluation made of the same weights; after
+    further steps (a stop between evaluations) it samples the weights anew."""
+    cfg = TrainConfig(batch_size=3, sample_tokens=20)
+    setup = cpu_setup(tiny_config, cfg, ids=torch.randint(tiny_config.vocab_size, (2000,)))
+    model = LanguageModel(tiny_config)
+    state = state_for(model, torch.optim.SGD(model.parameters(), lr=0.1), None)
+    state.step, state.last_sample = 40, (40, "THE LAST EVALUATION'S SAMPLE")
+    train.report(RunPaths(tmp_path), state, setup)
+    assert "--- sample ---\nTHE LAST EVALUATION'S SAMPLE\n" in capsys.readouterr().out
+    state.step = 41
+    train.report(RunPaths(tmp_path), state, setup)
+    fresh = train.sample_text(model, setup, cfg.sample_tokens)
+    assert f"--- sample ---\n{fresh}\n" in capsys.readouterr().out
+
+
 def test_the_budget_fits_steps_evaluations_and_the_end():
     timings = Timings(step=0.1, evaluation=2.0, end=3.0)
     steps = steps_within(100.0, timings, eval_interval=50)
