@@ -11,13 +11,14 @@ the export) -> training_loop -> optimizer_step, evaluate, write_checkpoints -> s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import random
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +46,7 @@ from utils.interrupts import GracefulStop
 from utils.nonfinite import NonfiniteCounter
 from utils.optimizers import build_optimizer, lr_at, lr_factor, step_unless_nonfinite
 from utils.resume import resolve_parent, resolve_resume
-from utils.runs import RunPaths, command_line, open_run
+from utils.runs import RunPaths, command_line, open_run, record_config
 from utils.setup import Setup, build_setup
 from utils.tracking import Tracker, check_aim_available, flat_hparams
 
@@ -85,8 +86,9 @@ def train(argv: Sequence[str]) -> int:
     # every input is valid: only now do processes join up and the run get (or touch) a folder
     with distributed.process_group(launch, setup.device) as group:
         state.step_model = group.wrap(state.step_model, setup.device)
+        pace = None
         if resume is None and setup.config.train.time_budget is not None:
-            setup = fit_to_budget(state, setup, started)
+            setup, pace = fit_to_budget(state, setup, started)
         resumed_at_step = state.step if resume else None
         command = command_line("train.py", argv, launcher=launch.launcher())
         run, metadata = distributed.on_main(lambda: open_run(
@@ -98,7 +100,7 @@ def train(argv: Sequence[str]) -> int:
         if parent:
             console.info(f"fine-tuning {parent.saved.source}")
             evaluate(state, setup, tracker)  # where it starts: the parent's weights on this text
-        return fit(state, setup, run, tracker)
+        return fit(state, setup, run, tracker, pace)
 
 
 def build_parser(loader: ConfigLoader) -> argparse.ArgumentParser:
@@ -151,9 +153,11 @@ def optimization(model: LanguageModel, setup: Setup) -> dict[str, Any]:
     )
 
 
-def fit_to_budget(state: TrainingState, setup: Setup, started: float) -> Setup:
+def fit_to_budget(state: TrainingState, setup: Setup,
+                  started: float) -> tuple[Setup, budget.PaceCheck | None]:
     """Time real steps and one evaluation on the fresh state, put it back exactly as it was,
-    and return the setup with the max_iters that fits the rest of the time budget."""
+    and return the setup with the max_iters that fits the rest of the time budget, and when
+    the run is to check its pace (None where its schedule cannot take a new max_iters)."""
     cfg = setup.config.train
     initial_weights = {name: t.clone() for name, t in state.model.state_dict().items()}
     with torch.random.fork_rng(devices=[setup.device] if setup.device.type == "cuda" else []):
@@ -162,14 +166,22 @@ def fit_to_budget(state: TrainingState, setup: Setup, started: float) -> Setup:
     remaining = cfg.time_budget - (time.perf_counter() - started)
     fitting = budget.steps_within(remaining, timings, cfg.eval_interval)
     max_iters = -distributed.max_over_ranks(-fitting, setup.device)  # the slowest rank's
-    resolved = dataclasses.replace(setup, config=dataclasses.replace(
-        setup.config, train=dataclasses.replace(cfg, max_iters=max_iters)))
+    resolved = with_max_iters(setup, max_iters)
     for name, value in optimization(state.model, resolved).items():
         setattr(state, name, value)
     console.info(f"time budget {cfg.time_budget:g}s: {timings.step * 1e3:.1f} ms per step, "
                  f"{timings.evaluation:.1f}s per evaluation, {remaining:.0f}s left -> "
                  f"max_iters={max_iters} (--max-iters {max_iters} repeats this run)")
-    return resolved
+    check_step = budget.pace_check_step(resolved.config.train)
+    pace = (None if check_step is None
+            else budget.PaceCheck(check_step, started + cfg.time_budget, timings))
+    return resolved, pace
+
+
+def with_max_iters(setup: Setup, max_iters: int) -> Setup:
+    cfg = setup.config.train
+    return dataclasses.replace(setup, config=dataclasses.replace(
+        setup.config, train=dataclasses.replace(cfg, max_iters=max_iters)))
 
 
 def measure_timings(state: TrainingState, setup: Setup) -> budget.Timings:
@@ -190,13 +202,14 @@ def measure_timings(state: TrainingState, setup: Setup) -> budget.Timings:
     return budget.Timings(step=step, evaluation=evaluation, end=full)
 
 
-def fit(state: TrainingState, setup: Setup, run: RunPaths, tracker: Tracker) -> int:
+def fit(state: TrainingState, setup: Setup, run: RunPaths, tracker: Tracker,
+        pace: budget.PaceCheck | None = None) -> int:
     """The training loop, then the final checkpoint, export and report; the exit code."""
     resume_command = (f"{shlex.join(distributed.current_launch().launcher())} train.py "
                       f"--resume {run.root}")
     try:
         with GracefulStop() as stop:
-            end = training_loop(state, setup, run, tracker, stop)
+            end, setup = training_loop(state, setup, run, tracker, stop, pace)
             console.info(f"training ended at step {state.step}: {end}")
             tracker.log_text("end_reason", end, state.step)
             if not stop.requested:
@@ -225,9 +238,11 @@ def fit(state: TrainingState, setup: Setup, run: RunPaths, tracker: Tracker) -> 
 
 
 def training_loop(state: TrainingState, setup: Setup, run: RunPaths, tracker: Tracker,
-                  stop: GracefulStop) -> str:
-    """Optimizer steps until max_iters, early stopping or a stop signal; returns why it ended."""
+                  stop: GracefulStop, pace: budget.PaceCheck | None) -> tuple[str, Setup]:
+    """Optimizer steps until max_iters, early stopping or a stop signal; returns why it ended,
+    and the setup with the max_iters the pace check settled on."""
     cfg = setup.config.train
+    clock = LoopClock(state.step)
     nonfinite = NonfiniteCounter(state.nonfinite_in_a_row, state.nonfinite_total, setup.device)
     speed = SpeedMeter(setup, state.model)
     progress = tqdm(total=cfg.max_iters, initial=state.step, desc="train", unit="step",
@@ -238,13 +253,17 @@ def training_loop(state: TrainingState, setup: Setup, run: RunPaths, tracker: Tr
         while state.step < cfg.max_iters:
             if check_stop and stop_agreed(stop, setup.device):
                 check_nonfinite(nonfinite, state, cfg, tracker, run)
-                return f"stopped by {stop.name}"
+                return f"stopped by {stop.name}", setup
             result = optimizer_step(state, setup)
             state.scheduler.step()
             state.step += 1
             progress.update(1)
             speed.steps += 1
             nonfinite.record(result.is_finite)
+            if pace is not None and state.step == pace.step:
+                setup = check_pace(state, setup, run, tracker, pace, clock)
+                cfg = setup.config.train
+                progress.total = cfg.max_iters
             due = Due.at(state.step, cfg)
             if due.histograms:
                 tracker.log_histograms(state.model, state.step)
@@ -257,8 +276,9 @@ def training_loop(state: TrainingState, setup: Setup, run: RunPaths, tracker: Tr
                 log_progress(state, result, speed, tracker, progress)
             names = []
             if due.evaluation:
-                if evaluate(state, setup, tracker):
-                    names.append("best")
+                with clock.pause():
+                    if evaluate(state, setup, tracker):
+                        names.append("best")
                 speed.restart()  # the evaluation's time is not training time
             if due.checkpoint:
                 names = [f"step_{state.step}", "last", *names]
@@ -266,10 +286,55 @@ def training_loop(state: TrainingState, setup: Setup, run: RunPaths, tracker: Tr
                 write_checkpoints(run, state, setup, names)
             if cfg.patience is not None and state.evals_without_improvement >= cfg.patience:
                 return (f"early stopping: val loss has not improved by {cfg.min_delta} for "
-                        f"{cfg.patience} evaluations (best {state.best_val_loss:.4f})")
-        return f"finished {cfg.max_iters} steps"
+                        f"{cfg.patience} evaluations (best {state.best_val_loss:.4f})"), setup
+        return f"finished {cfg.max_iters} steps", setup
     finally:
         progress.close()
+
+
+def check_pace(state: TrainingState, setup: Setup, run: RunPaths, tracker: Tracker,
+               pace: budget.PaceCheck, clock: LoopClock) -> Setup:
+    """Fit max_iters anew to the pace of the steps so far: the setup with the new value, which
+    the schedule, meta/full_config.json and later checkpoints take on."""
+    cfg = setup.config.train
+    seconds_per_step = clock.seconds_per_step(state.step)
+    fitting = budget.refit_max_iters(state.step, seconds_per_step,
+                                     pace.deadline - time.perf_counter(), pace, cfg)
+    max_iters = -distributed.max_over_ranks(-fitting, setup.device)  # the slowest rank's
+    message = (f"pace check at step {state.step}: {seconds_per_step * 1e3:.1f} ms per step -> "
+               f"max_iters={max_iters} (--max-iters {max_iters} repeats this run)")
+    console.info(message)
+    tracker.log_text("pace_check", message, state.step)
+    if max_iters == cfg.max_iters:
+        return setup
+    resolved = with_max_iters(setup, max_iters)
+    # the rates so far are the same (warmup and the constant phase); the decay moves
+    state.scheduler = LambdaLR(state.optimizer,
+                               lambda step: lr_factor(step, resolved.config.train),
+                               last_epoch=state.step - 1)
+    distributed.on_main(lambda: record_config(run, resolved.config))
+    return resolved
+
+
+class LoopClock:
+    """Seconds per step of the training loop so far, evaluations left out."""
+
+    def __init__(self, first_step: int) -> None:
+        self.first_step = first_step
+        self.started = time.perf_counter()
+        self.paused_seconds = 0.0
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - start
+
+    def seconds_per_step(self, step: int) -> float:
+        elapsed = time.perf_counter() - self.started - self.paused_seconds
+        return elapsed / max(1, step - self.first_step)
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,12 @@ from train import estimate_loss, full_split_loss, optimizer_step
 from utils.budget import (
     CALIBRATION_SECONDS,
     SAFETY_MARGIN,
+    PaceCheck,
     Timings,
     calibration_seconds,
+    pace_check_step,
+    refit_max_iters,
+    shortest_run_keeping,
     steps_within,
 )
 from utils.checkpoint import load_export
@@ -235,13 +239,70 @@ def test_calibration_takes_a_small_share_of_a_short_budget():
     assert calibration_seconds(12.0) == pytest.approx(0.6)  # not a quarter of a 12-s run
 
 
+def test_the_pace_check_comes_late_in_the_constant_phase_of_wsd_only():
+    cfg = TrainConfig(schedule="wsd", max_iters=1000, decay_fraction=0.6, warmup_iters=20)
+    assert pace_check_step(cfg) == 300  # 3/4 of the way to the decay at step 400
+    assert pace_check_step(dataclasses.replace(cfg, schedule="cosine")) is None
+    assert pace_check_step(dataclasses.replace(cfg, lr_decay_iters=800)) is None
+
+
+@pytest.mark.parametrize("seconds_left", [0.0, 30.0, 1000.0])
+def test_a_new_max_iters_keeps_every_learning_rate_already_used(seconds_left):
+    cfg = TrainConfig(schedule="wsd", max_iters=1000, decay_fraction=0.6, warmup_iters=20)
+    check = PaceCheck(step=300, deadline=0.0, timings=Timings(step=0.1, evaluation=1.0, end=2.0))
+    max_iters = refit_max_iters(300, 0.1, seconds_left, check, cfg)
+    refit = dataclasses.replace(cfg, max_iters=max_iters)
+    # the scheduler has set the rate of step 300 already
+    assert [lr_factor(s, refit) for s in range(301)] == [lr_factor(s, cfg) for s in range(301)]
+    if seconds_left == 0.0:  # no time left: the shortest run still constant at step 300
+        assert max_iters == shortest_run_keeping(300, cfg) == 752  # decays from 752 - 451
+    if seconds_left == 1000.0:  # time for more steps than the calibration allowed
+        assert max_iters > cfg.max_iters
+
+
+def test_the_pace_check_lengthens_the_run_and_records_it(tiny_config, tmp_path):
+    cfg = TrainConfig(batch_size=4, max_iters=40, warmup_iters=2, decay_fraction=0.5,
+                      eval_interval=1000)
+    setup = cpu_setup(tiny_config, cfg)
+    state = train.init_state(setup)
+    run = RunPaths(tmp_path)
+    run.meta.mkdir()
+    for _ in range(15):
+        optimizer_step(state, setup)
+        state.scheduler.step()
+        state.step += 1
+    group = state.optimizer.param_groups[0]
+    rate = group["lr"]
+    # steps of 1 s so far and 60 s left: about 54 more, where the calibration allowed 25
+    clock = train.LoopClock(0)
+    clock.started -= 15.0
+    check = PaceCheck(step=15, deadline=time.perf_counter() + 60.0,
+                      timings=Timings(step=1.0, evaluation=0.0, end=0.0))
+    resolved = train.check_pace(state, setup, run, train.Tracker([]), check, clock)
+    max_iters = resolved.config.train.max_iters
+    assert 60 < max_iters < 75
+    assert group["lr"] == rate  # the rate of the step about to run is unchanged
+    saved = json.loads((run.meta / "full_config.json").read_text())["train"]
+    assert saved["max_iters"] == max_iters
+    for step in range(15, max_iters):  # the rest follows the schedule of the new length
+        assert group["lr"] == pytest.approx(group["initial_lr"]
+                                            * lr_factor(step, resolved.config.train))
+        optimizer_step(state, resolved)
+        state.scheduler.step()
+        state.step += 1
+    assert group["lr"] == 0.0  # the decay ends with the run
+
+
 def test_a_time_budget_becomes_a_recorded_max_iters_that_repeats_the_run(tmp_path):
+    """The budget's max_iters, as the pace check leaves it, is recorded and repeats the run."""
     runs = tmp_path / "runs"
     budgeted = run_script("train.py", *TINY, "--time-budget", "4", "--eval-interval", "20",
                           "--runs-dir", str(runs / "budget"))
     assert budgeted.returncode == 0, budgeted.stderr
-    max_iters = int(re.search(r"max_iters=(\d+) \(--max-iters \1 repeats", budgeted.stderr)
-                    .group(1))
+    assert re.search(r"max_iters=(\d+) \(--max-iters \1 repeats", budgeted.stderr)
+    pace = re.search(r"pace check at step \d+: .* -> max_iters=(\d+) \(--max-iters \1 "
+                     r"repeats", budgeted.stderr)
+    max_iters = int(pace.group(1))
     (run_dir,) = (runs / "budget").iterdir()
     saved = json.loads((run_dir / "meta" / "full_config.json").read_text())["train"]
     assert (saved["max_iters"], saved["time_budget"]) == (max_iters, 4.0)

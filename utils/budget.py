@@ -4,6 +4,11 @@ A short calibration times real training steps and one evaluation on this machine
 the run gets the max_iters whose steps and evaluations end within the budget, so the
 learning-rate schedule finishes exactly at the end. The resolved max_iters is recorded like
 any other setting: --max-iters N repeats the run bit for bit.
+
+A few seconds of steps can misjudge a whole run's pace (a shared machine speeds up and slows
+down by tens of percent), so a wsd run looks again: at its pace check, late in the constant
+phase, the steps taken so far set max_iters anew. wsd's learning rate up to the end of the
+constant phase does not depend on max_iters, so the new value repeats the run as well.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from utils import distributed
+from utils.config import TrainConfig
 from utils.device import synchronize
+from utils.optimizers import wsd_decay_start
 
 CALIBRATION_SECONDS = 3.0  # of timed steps: enough to average out a few slow ones
 # ...but never more than this share of the budget: a 12-s GPU run cannot spend 3 s measuring
@@ -26,6 +33,9 @@ SAMPLE_TIMING_TOKENS = 50  # a sample's time grows with its length: time this ma
 # what the estimate cannot see: a checkpoint write, the final export, and above all steps that
 # run slower over a whole run than in its first seconds (5-14% on the 2-core CPU in BENCHMARKS)
 SAFETY_MARGIN = 0.10
+# the pace check comes this far into wsd's constant phase: late enough to have timed a good
+# stretch of the run, early enough that a slower pace can still shorten it by a quarter
+PACE_CHECK_SHARE = 0.75
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,15 @@ class Timings:
     step: float  # one optimizer step
     evaluation: float  # one evaluation: losses and the sample
     end: float  # what follows the last step and its evaluation: the full-split evaluation
+
+
+@dataclass(frozen=True)
+class PaceCheck:
+    """When a budgeted run re-measures its pace, and what it fits the rest of the run into."""
+
+    step: int  # after this many optimizer steps
+    deadline: float  # the time.perf_counter() at which the budget runs out
+    timings: Timings  # the calibration's: evaluations and the end are not re-timed
 
 
 def calibration_seconds(time_budget: float) -> float:
@@ -77,3 +96,32 @@ def steps_within(seconds: float, timings: Timings, eval_interval: int) -> int:
     usable = seconds * (1.0 - SAFETY_MARGIN) - timings.end - timings.evaluation
     per_step = timings.step + timings.evaluation / eval_interval
     return max(1, math.floor(usable / per_step))
+
+
+def pace_check_step(cfg: TrainConfig) -> int | None:
+    """The step of a budgeted run's pace check, or None where a new max_iters would change
+    learning rates already used: cosine decays from the first step on, and lr_decay_iters
+    fixes where the decay ends."""
+    if cfg.schedule != "wsd" or cfg.lr_decay_iters is not None:
+        return None
+    step = math.floor(PACE_CHECK_SHARE * wsd_decay_start(cfg.max_iters, cfg))
+    return step if step >= 1 else None
+
+
+def refit_max_iters(steps_done: int, seconds_per_step: float, seconds_left: float,
+                    check: PaceCheck, cfg: TrainConfig) -> int:
+    """max_iters for the rest of the budget at the measured pace, but never so few that the
+    decay would have begun by steps_done: every learning rate used so far stays the same."""
+    timings = Timings(step=seconds_per_step, evaluation=check.timings.evaluation,
+                      end=check.timings.end)
+    fitting = steps_done + steps_within(seconds_left, timings, cfg.eval_interval)
+    return max(fitting, shortest_run_keeping(steps_done, cfg))
+
+
+def shortest_run_keeping(steps_done: int, cfg: TrainConfig) -> int:
+    """The fewest max_iters whose wsd schedule is still constant at step steps_done (the
+    scheduler has already set the rate of that step)."""
+    max_iters = steps_done + 1  # the decay starts later as max_iters grows: count up
+    while wsd_decay_start(max_iters, cfg) <= steps_done:
+        max_iters += 1
+    return max_iters

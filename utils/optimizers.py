@@ -111,7 +111,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     if step >= end:
         return floor
     if cfg.schedule == "wsd":
-        decay_start = max(cfg.warmup_iters, end - round(cfg.decay_fraction * end))
+        decay_start = wsd_decay_start(end, cfg)
         if step < decay_start:
             return 1.0
         remaining = (end - step) / max(1, end - decay_start)  # 1 -> 0 over the decay
@@ -119,6 +119,11 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     progress = (step - cfg.warmup_iters) / max(1, end - cfg.warmup_iters)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0 over the decay
     return floor + cosine * (1.0 - floor)
+
+
+def wsd_decay_start(end: int, cfg: TrainConfig) -> int:
+    """The first step of wsd's linear decay, for a decay that ends at step `end`."""
+    return max(cfg.warmup_iters, end - round(cfg.decay_fraction * end))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

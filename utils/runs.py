@@ -27,6 +27,7 @@ from tokenizer import CharTokenizer
 from utils.checkpoint import (
     CHECKPOINT_SUFFIX,
     WEIGHTS_FILE,
+    atomic_write_text,
     find_checkpoint,
     load_checkpoint_model,
     load_export,
@@ -100,6 +101,13 @@ def write_metadata(
         suffix = ".json" if name == "full_config" else ".txt"
         (folder / f"{name}{suffix}").write_text(text, encoding="utf-8")
     return texts
+
+
+def record_config(run: RunPaths, config: Config) -> None:
+    """Rewrite meta/full_config.json with the config the run now trains by (a budgeted run's
+    pace check can change its max_iters)."""
+    atomic_write_text(run.meta / "full_config.json",
+                      json.dumps(config.to_dict(), indent=2) + "\n")
 
 
 def command_line(

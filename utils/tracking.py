@@ -229,6 +229,7 @@ class AimBackend:
         self.run.track(self.aim.Text(text), name=metric, step=step, context=context)
 
     def log_summary(self, hparams: Mapping[str, Any], results: Mapping[str, float]) -> None:
+        self.run["hparams"] = dict(hparams)  # the final ones: a pace check may change max_iters
         self.run["results"] = dict(results)
 
     def close(self) -> None:
