@@ -68,10 +68,11 @@ def run_recipe(name: str, flags: list[str], args: argparse.Namespace, runs_dir: 
         raise SystemExit(f"{name} failed ({result.returncode}): {result.stderr[-2000:]}")
     run_dir = max(runs_dir.iterdir(), key=lambda p: p.stat().st_mtime)
     saved = json.loads((run_dir / "meta" / "full_config.json").read_text())
-    calibration = re.search(r"time budget .*", result.stderr)
+    # the calibration's line, and the pace check's where the run had one
+    calibration = re.findall(r"time budget .*|pace check .*", result.stderr)
     return {"recipe": name, "full_val_loss": float(match.group(1)), "wall_s": wall,
             "steps": saved["train"]["max_iters"], "flags": " ".join(flags),
-            "calibration": calibration.group(0) if calibration else ""}
+            "calibration": "\n    ".join(calibration)}
 
 
 def recipes_to_run(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -95,7 +96,8 @@ def main() -> None:
                         choices=sorted(RECIPES))
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--markdown", action="store_true", help="print a BENCHMARKS.md table")
-    parser.add_argument("--verbose", action="store_true", help="show each run's calibration")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show each run's calibration and pace check")
     parser.add_argument("--extra", nargs="*", default=[], metavar="NAME=FLAGS",
                         help="more recipes, e.g. 'fast=--muon-lr 0.04' (flags over the default)")
     args = parser.parse_args()
