@@ -5,20 +5,20 @@ Usage: python train.py --run-tag baseline --batch-size 16
        torchrun --standalone --nproc_per_node=4 train.py ...   # DDP over 4 processes
 
 Read top-down: main -> train (config, setup, time budget, run folder) -> fit (the loop, then
-the export) -> training_loop -> optimizer_step, evaluate, write_checkpoints -> small helpers.
+the export) -> training_loop -> optimizer_step, check_pace, evaluate, write_checkpoints -> small
+helpers.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import random
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -242,7 +242,7 @@ def training_loop(state: TrainingState, setup: Setup, run: RunPaths, tracker: Tr
     """Optimizer steps until max_iters, early stopping or a stop signal; returns why it ended,
     and the setup with the max_iters the pace check settled on."""
     cfg = setup.config.train
-    clock = LoopClock(state.step)
+    clock = budget.LoopClock(state.step)
     nonfinite = NonfiniteCounter(state.nonfinite_in_a_row, state.nonfinite_total, setup.device)
     speed = SpeedMeter(setup, state.model)
     progress = tqdm(total=cfg.max_iters, initial=state.step, desc="train", unit="step",
@@ -293,7 +293,7 @@ def training_loop(state: TrainingState, setup: Setup, run: RunPaths, tracker: Tr
 
 
 def check_pace(state: TrainingState, setup: Setup, run: RunPaths, tracker: Tracker,
-               pace: budget.PaceCheck, clock: LoopClock) -> Setup:
+               pace: budget.PaceCheck, clock: budget.LoopClock) -> Setup:
     """Fit max_iters anew to the pace of the steps so far: the setup with the new value, which
     the schedule, meta/full_config.json and later checkpoints take on."""
     cfg = setup.config.train
@@ -314,27 +314,6 @@ def check_pace(state: TrainingState, setup: Setup, run: RunPaths, tracker: Track
                                last_epoch=state.step - 1)
     distributed.on_main(lambda: record_config(run, resolved.config))
     return resolved
-
-
-class LoopClock:
-    """Seconds per step of the training loop so far, evaluations left out."""
-
-    def __init__(self, first_step: int) -> None:
-        self.first_step = first_step
-        self.started = time.perf_counter()
-        self.paused_seconds = 0.0
-
-    @contextlib.contextmanager
-    def pause(self) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.paused_seconds += time.perf_counter() - start
-
-    def seconds_per_step(self, step: int) -> float:
-        elapsed = time.perf_counter() - self.started - self.paused_seconds
-        return elapsed / max(1, step - self.first_step)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from train import estimate_loss, full_split_loss, optimizer_step
 from utils.budget import (
     CALIBRATION_SECONDS,
     SAFETY_MARGIN,
+    LoopClock,
     PaceCheck,
     Timings,
     calibration_seconds,
@@ -274,7 +275,7 @@ def test_the_pace_check_lengthens_the_run_and_records_it(tiny_config, tmp_path):
     group = state.optimizer.param_groups[0]
     rate = group["lr"]
     # steps of 1 s so far and 60 s left: about 54 more, where the calibration allowed 25
-    clock = train.LoopClock(0)
+    clock = LoopClock(0)
     clock.started -= 15.0
     check = PaceCheck(step=15, deadline=time.perf_counter() + 60.0,
                       timings=Timings(step=1.0, evaluation=0.0, end=0.0))
@@ -296,7 +297,7 @@ def test_the_pace_check_lengthens_the_run_and_records_it(tiny_config, tmp_path):
 def test_a_time_budget_becomes_a_recorded_max_iters_that_repeats_the_run(tmp_path):
     """The budget's max_iters, as the pace check leaves it, is recorded and repeats the run."""
     runs = tmp_path / "runs"
-    budgeted = run_script("train.py", *TINY, "--time-budget", "4", "--eval-interval", "20",
+    budgeted = run_script("train.py", *TINY, "--time-budget", "6", "--eval-interval", "20",
                           "--runs-dir", str(runs / "budget"))
     assert budgeted.returncode == 0, budgeted.stderr
     assert re.search(r"max_iters=(\d+) \(--max-iters \1 repeats", budgeted.stderr)
@@ -305,7 +306,7 @@ def test_a_time_budget_becomes_a_recorded_max_iters_that_repeats_the_run(tmp_pat
     max_iters = int(pace.group(1))
     (run_dir,) = (runs / "budget").iterdir()
     saved = json.loads((run_dir / "meta" / "full_config.json").read_text())["train"]
-    assert (saved["max_iters"], saved["time_budget"]) == (max_iters, 4.0)
+    assert (saved["max_iters"], saved["time_budget"]) == (max_iters, 6.0)
     assert f"finished {max_iters} steps" in budgeted.stderr
 
     repeated = run_script("train.py", *TINY, "--max-iters", str(max_iters),

@@ -13,9 +13,10 @@ constant phase does not depend on max_iters, so the new value repeats the run as
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,27 @@ class PaceCheck:
     step: int  # after this many optimizer steps
     deadline: float  # the time.perf_counter() at which the budget runs out
     timings: Timings  # the calibration's: evaluations and the end are not re-timed
+
+
+class LoopClock:
+    """Seconds per step of the training loop so far, evaluations left out."""
+
+    def __init__(self, first_step: int) -> None:
+        self.first_step = first_step
+        self.started = time.perf_counter()
+        self.paused_seconds = 0.0
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - start
+
+    def seconds_per_step(self, step: int) -> float:
+        elapsed = time.perf_counter() - self.started - self.paused_seconds
+        return elapsed / max(1, step - self.first_step)
 
 
 def calibration_seconds(time_budget: float) -> float:
