@@ -157,7 +157,7 @@ def fit_to_budget(state: TrainingState, setup: Setup,
                   started: float) -> tuple[Setup, budget.PaceCheck | None]:
     """Time real steps and one evaluation on the fresh state, put it back exactly as it was,
     and return the setup with the max_iters that fits the rest of the time budget, and when
-    the run is to check its pace (None where its schedule cannot take a new max_iters)."""
+    the run first checks its pace (None where its schedule cannot take a new max_iters)."""
     cfg = setup.config.train
     initial_weights = {name: t.clone() for name, t in state.model.state_dict().items()}
     with torch.random.fork_rng(devices=[setup.device] if setup.device.type == "cuda" else []):
@@ -172,9 +172,8 @@ def fit_to_budget(state: TrainingState, setup: Setup,
     console.info(f"time budget {cfg.time_budget:g}s: {timings.step * 1e3:.1f} ms per step, "
                  f"{timings.evaluation:.1f}s per evaluation, {remaining:.0f}s left -> "
                  f"max_iters={max_iters} (--max-iters {max_iters} repeats this run)")
-    check_step = budget.pace_check_step(resolved.config.train)
-    pace = (None if check_step is None
-            else budget.PaceCheck(check_step, started + cfg.time_budget, timings))
+    pace = budget.plan_pace_check(resolved.config.train, budget.PACE_CHECK_SHARES, 0,
+                                  started + cfg.time_budget, timings)
     return resolved, pace
 
 
@@ -240,11 +239,11 @@ def fit(state: TrainingState, setup: Setup, run: RunPaths, tracker: Tracker,
 def training_loop(state: TrainingState, setup: Setup, run: RunPaths, tracker: Tracker,
                   stop: GracefulStop, pace: budget.PaceCheck | None) -> tuple[str, Setup]:
     """Optimizer steps until max_iters, early stopping or a stop signal; returns why it ended,
-    and the setup with the max_iters the pace check settled on."""
+    and the setup with the max_iters the pace checks settled on."""
     cfg = setup.config.train
-    clock = budget.LoopClock(state.step)
     nonfinite = NonfiniteCounter(state.nonfinite_in_a_row, state.nonfinite_total, setup.device)
     speed = SpeedMeter(setup, state.model)
+    clock = budget.LoopClock(state.step)
     progress = tqdm(total=cfg.max_iters, initial=state.step, desc="train", unit="step",
                     dynamic_ncols=True, mininterval=0.5,
                     disable=not distributed.is_main_process())
@@ -264,6 +263,7 @@ def training_loop(state: TrainingState, setup: Setup, run: RunPaths, tracker: Tr
                 setup = check_pace(state, setup, run, tracker, pace, clock)
                 cfg = setup.config.train
                 progress.total = cfg.max_iters
+                pace = pace.following(cfg, state.step)
             due = Due.at(state.step, cfg)
             if due.histograms:
                 tracker.log_histograms(state.model, state.step)

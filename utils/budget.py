@@ -6,7 +6,7 @@ learning-rate schedule finishes exactly at the end. The resolved max_iters is re
 any other setting: --max-iters N repeats the run bit for bit.
 
 A few seconds of steps can misjudge a whole run's pace (a shared machine speeds up and slows
-down by tens of percent), so a wsd run looks again: at its pace check, late in the constant
+down by tens of percent), so a wsd run looks again: at its pace checks, late in the constant
 phase, the steps taken so far set max_iters anew. wsd's learning rate up to the end of the
 constant phase does not depend on max_iters, so the new value repeats the run as well.
 """
@@ -34,9 +34,10 @@ SAMPLE_TIMING_TOKENS = 50  # a sample's time grows with its length: time this ma
 # what the estimate cannot see: a checkpoint write, the final export, and above all steps that
 # run slower over a whole run than in its first seconds (5-14% on the 2-core CPU in BENCHMARKS)
 SAFETY_MARGIN = 0.10
-# the pace check comes this far into wsd's constant phase: late enough to have timed a good
-# stretch of the run, early enough that a slower pace can still shorten it by a quarter
-PACE_CHECK_SHARE = 0.75
+# pace checks come this far into wsd's constant phase: the first late enough to have timed a
+# good stretch of the run and early enough that a slower pace can still shorten it by a
+# quarter; the second, on more steps, corrects the first (it can lengthen the run at will)
+PACE_CHECK_SHARES = (0.75, 0.95)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ class PaceCheck:
     step: int  # after this many optimizer steps
     deadline: float  # the time.perf_counter() at which the budget runs out
     timings: Timings  # the calibration's: evaluations and the end are not re-timed
+    later_shares: tuple[float, ...] = ()  # where the checks after this one come
+
+    def following(self, cfg: TrainConfig, step: int) -> PaceCheck | None:
+        """The next check, placed in the schedule this one left (cfg), after step."""
+        return plan_pace_check(cfg, self.later_shares, step, self.deadline, self.timings)
 
 
 class LoopClock:
@@ -120,14 +126,19 @@ def steps_within(seconds: float, timings: Timings, eval_interval: int) -> int:
     return max(1, math.floor(usable / per_step))
 
 
-def pace_check_step(cfg: TrainConfig) -> int | None:
-    """The step of a budgeted run's pace check, or None where a new max_iters would change
-    learning rates already used: cosine decays from the first step on, and lr_decay_iters
-    fixes where the decay ends."""
+def plan_pace_check(cfg: TrainConfig, shares: tuple[float, ...], after: int,
+                    deadline: float, timings: Timings) -> PaceCheck | None:
+    """The first of the checks at these shares of wsd's constant phase that comes after step
+    `after`, or None: none is left, or a new max_iters would change learning rates already
+    used (cosine decays from the first step on, and lr_decay_iters fixes where it ends)."""
     if cfg.schedule != "wsd" or cfg.lr_decay_iters is not None:
         return None
-    step = math.floor(PACE_CHECK_SHARE * wsd_decay_start(cfg.max_iters, cfg))
-    return step if step >= 1 else None
+    decay_start = wsd_decay_start(cfg.max_iters, cfg)
+    for index, share in enumerate(shares):
+        step = math.floor(share * decay_start)
+        if step > max(0, after):
+            return PaceCheck(step, deadline, timings, shares[index + 1:])
+    return None
 
 
 def refit_max_iters(steps_done: int, seconds_per_step: float, seconds_left: float,
