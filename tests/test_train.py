@@ -307,21 +307,27 @@ def test_the_pace_check_lengthens_the_run_and_records_it(tiny_config, tmp_path):
 def test_a_time_budget_becomes_a_recorded_max_iters_that_repeats_the_run(tmp_path):
     """The budget's max_iters, as the pace check leaves it, is recorded and repeats the run."""
     runs = tmp_path / "runs"
-    budgeted = run_script("train.py", *TINY, "--time-budget", "6", "--eval-interval", "20",
+    flags = [*TINY, "--eval-interval", "20", "--warmup-iters", "2"]
+    budgeted = run_script("train.py", *flags, "--time-budget", "6",
                           "--runs-dir", str(runs / "budget"))
     assert budgeted.returncode == 0, budgeted.stderr
-    assert re.search(r"max_iters=(\d+) \(--max-iters \1 repeats", budgeted.stderr)
+    calibrated = int(re.search(r"time budget .* -> max_iters=(\d+) \(--max-iters \1 repeats",
+                               budgeted.stderr).group(1))
     checks = re.findall(r"pace check at step \d+: .* -> max_iters=(\d+) \(--max-iters \1 "
                         r"repeats", budgeted.stderr)
-    assert 1 <= len(checks) <= 2  # the second is skipped if the first shortened the run a lot
-    max_iters = int(checks[-1])
+    # a run the calibration made long enough checks its pace once or twice (the second is
+    # skipped if the first shortened the run a lot); a busy machine can leave it too short
+    first = plan_pace_check(TrainConfig(max_iters=calibrated, warmup_iters=2),
+                            PACE_CHECK_SHARES, 0, 0.0, Timings(0.0, 0.0, 0.0))
+    assert (1 <= len(checks) <= 2) if first is not None else not checks
+    max_iters = int(checks[-1]) if checks else calibrated
     (run_dir,) = (runs / "budget").iterdir()
     saved = json.loads((run_dir / "meta" / "full_config.json").read_text())["train"]
     assert (saved["max_iters"], saved["time_budget"]) == (max_iters, 6.0)
     assert f"finished {max_iters} steps" in budgeted.stderr
 
-    repeated = run_script("train.py", *TINY, "--max-iters", str(max_iters),
-                          "--eval-interval", "20", "--runs-dir", str(runs / "steps"))
+    repeated = run_script("train.py", *flags, "--max-iters", str(max_iters),
+                          "--runs-dir", str(runs / "steps"))
     assert repeated.returncode == 0, repeated.stderr
     (repeat_dir,) = (runs / "steps").iterdir()
     for name in ("model.safetensors",):
