@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.autograd.profiler import record_function
-from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from data import BatchSampler, windows_at
@@ -44,7 +43,7 @@ from utils.device import measure_matmul_flops
 from utils.errors import TrainingFailure, UserError
 from utils.interrupts import GracefulStop
 from utils.nonfinite import NonfiniteCounter
-from utils.optimizers import build_optimizer, lr_at, lr_factor, step_unless_nonfinite
+from utils.optimizers import build_optimizer, build_scheduler, lr_at, step_unless_nonfinite
 from utils.resume import resolve_parent, resolve_resume
 from utils.runs import RunPaths, command_line, open_run, record_config
 from utils.setup import Setup, build_setup
@@ -146,7 +145,7 @@ def optimization(model: LanguageModel, setup: Setup) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg, setup.device)
     return dict(
         optimizer=optimizer,
-        scheduler=LambdaLR(optimizer, lambda step: lr_factor(step, cfg)),
+        scheduler=build_scheduler(optimizer, cfg),
         scaler=torch.amp.GradScaler(setup.device.type, enabled=setup.dtype == torch.float16),
         batches=BatchSampler(setup.splits.train, setup.config.model.block_size, cfg.batch_size,
                              cfg.seed + distributed.rank(), setup.device),
@@ -309,9 +308,7 @@ def check_pace(state: TrainingState, setup: Setup, run: RunPaths, tracker: Track
         return setup
     resolved = with_max_iters(setup, max_iters)
     # the rates so far are the same (warmup and the constant phase); the decay moves
-    state.scheduler = LambdaLR(state.optimizer,
-                               lambda step: lr_factor(step, resolved.config.train),
-                               last_epoch=state.step - 1)
+    state.scheduler = build_scheduler(state.optimizer, resolved.config.train, state.step)
     distributed.on_main(lambda: record_config(run, resolved.config))
     return resolved
 

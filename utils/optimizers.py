@@ -1,7 +1,7 @@
 """The optimizer and the learning-rate schedule a TrainConfig asks for.
 
     optimizer = build_optimizer(model, cfg, device)    # AdamW, or Muon + AdamW as one
-    scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    scheduler = build_scheduler(optimizer, cfg)         # every group: peak rate x lr_factor
 
 With optimizer=muon, torch.optim.Muon takes the 2-D weight matrices inside the blocks and AdamW
 the rest (embeddings, head, gains, biases): Muon orthogonalises each matrix's update, which only
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from utils.config import TrainConfig
 
@@ -98,6 +99,13 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)  # makes new group dicts and a new state
         self._share_with_parts()
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    steps_done: int = 0) -> LambdaLR:
+    """cfg's schedule over every group of the optimizer. With steps_done, it takes over from
+    another schedule: each group's rate becomes its peak times lr_factor(steps_done)."""
+    return LambdaLR(optimizer, lambda step: lr_factor(step, cfg), last_epoch=steps_done - 1)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
