@@ -316,17 +316,17 @@ class DecodeLinear(nn.Module):
         super().__init__()
         self.weights = weights
         weight, bias = weight.detach(), None if bias is None else bias.detach().clone()
-        self.register_buffer("bias", bias)
-        if weights == "int8":
+        if weights == "int8-dynamic":
+            # the packed weights (and the bias) live in the quantized engine's own object
+            self.packed = packed_int8_linear(weight, bias)
+            bias = None
+        elif weights == "int8":
             int8, scale = int8_per_channel(weight)
             self.register_buffer("weight", int8)
             self.register_buffer("scale", scale)
-        elif weights == "int8-dynamic":
-            # the packed weights (and the bias) live in the quantized engine's own object
-            self.packed = packed_int8_linear(weight, bias)
-            self.bias = None
         else:
             self.register_buffer("weight", weight.t().contiguous().to(getattr(torch, weights)))
+        self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weights == "int8-dynamic":
