@@ -289,9 +289,16 @@ def test_the_pace_check_lengthens_the_run_and_records_it(tiny_config, tmp_path):
     clock.started -= 15.0
     check = PaceCheck(step=15, deadline=time.perf_counter() + 60.0,
                       timings=Timings(step=1.0, evaluation=0.0, end=0.0))
-    resolved = train.check_pace(state, setup, run, train.Tracker([]), check, clock)
+    texts = []
+    recorder = type("Recorder", (), {"log_text": lambda self, *logged: texts.append(logged)})
+    resolved = train.check_pace(state, setup, run, train.Tracker([recorder()]), check, clock)
     max_iters = resolved.config.train.max_iters
     assert 60 < max_iters < 75
+    # the trackers keep the check's line at its step
+    ((name, message, step),) = texts
+    assert (name, step) == ("pace_check", 15)
+    assert re.fullmatch(rf"pace check at step 15: 100\d\.\d ms per step -> max_iters={max_iters} "
+                        rf"\(--max-iters {max_iters} repeats this run\)", message)
     assert group["lr"] == rate  # the rate of the step about to run is unchanged
     saved = json.loads((run.meta / "full_config.json").read_text())["train"]
     assert saved["max_iters"] == max_iters
