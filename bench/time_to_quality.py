@@ -4,7 +4,7 @@ val split). The classic preset (nanoGPT's recipe) always runs in the same bench,
 from one run compare, not two from two days.
 
 Usage: python bench/time_to_quality.py --data-path ../shared/data/tinyshakespeare.txt
-           [--time-budget 240] [--recipes default classic] [--ablations] [--markdown]
+           [--time-budget SECONDS] [--recipes default classic] [--ablations] [--markdown]
 
 --ablations adds a row per lever: the lever alone on top of classic, and the default with that
 lever set back to classic's value. Runs go one after another: each has the machine to itself.
@@ -25,6 +25,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from utils.config import TrainConfig  # noqa: E402
+
 CLASSIC = ["--config", str(ROOT / "configs" / "presets" / "classic.yaml")]
 RECIPES = {
     "default": [],
@@ -91,7 +95,8 @@ def recipes_to_run(args: argparse.Namespace) -> dict[str, list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-path", default=str(ROOT / "input.txt"))
-    parser.add_argument("--time-budget", default="240")
+    parser.add_argument("--time-budget", default=f"{TrainConfig().time_budget:g}",
+                        help="seconds each recipe trains for (default: the default run's)")
     parser.add_argument("--recipes", nargs="+", default=["default", "classic"],
                         choices=sorted(RECIPES))
     parser.add_argument("--ablations", action="store_true")

@@ -30,12 +30,12 @@ def test_the_dataclass_defaults_are_the_default_run(tmp_path):
     assert config.train == TrainConfig()
     assert config.model == ModelConfig()
     assert (config.model.n_layer, config.model.n_embd, config.train.batch_size) == (4, 128, 16)
-    assert config.train.time_budget == 240.0
+    assert config.train.time_budget == 280.0
 
 
 def test_max_iters_at_a_higher_layer_switches_the_default_budget_off(tmp_path):
     loader = make_loader(tmp_path, config_json={})
-    assert load(loader).train.time_budget == 240.0
+    assert load(loader).train.time_budget == 280.0
     config = load(loader, "--max-iters", "200")
     assert (config.train.max_iters, config.train.time_budget) == (200, None)
     preset = tmp_path / "budget.yaml"

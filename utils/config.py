@@ -85,7 +85,7 @@ class TrainConfig:
                                      "from --time-budget instead")
     )
     time_budget: float | None = field(
-        default=240.0, metadata={
+        default=280.0, metadata={
             "help": "seconds (or 5m, 1h) for training, evaluations included: a short "
                     "calibration sets max_iters to fit; none = train max_iters steps",
             "parse": parse_duration, "type": "a duration such as 300, 300s or 5m"}
