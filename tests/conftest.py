@@ -19,6 +19,7 @@ from utils.config import Config, TrainConfig
 from utils.setup import Setup
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # the environment's commands: aim, tensorboard
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -103,3 +104,17 @@ def state_for(model: LanguageModel, optimizer: torch.optim.Optimizer,
         model=model, step_model=model, optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
         scaler=torch.amp.GradScaler("cpu", enabled=False), batches=batches)
+
+
+def find_aim_run(repo_path: Path, name: str):
+    """The Aim run with this name, read through aim.Repo.
+
+    Aim's SDK reads runs through the repo index, which `aim up` keeps current in the
+    background; `aim storage reindex` brings it up to date here without a server."""
+    import aim
+
+    subprocess.run([str(BIN / "aim"), "storage", "--repo", str(repo_path), "reindex", "--yes"],
+                   check=True, capture_output=True)
+    runs = [run for run in aim.Repo.from_path(str(repo_path)).iter_runs() if run.name == name]
+    assert len(runs) == 1, f"expected one Aim run named {name}, found {len(runs)}"
+    return runs[0]

@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import PROJECT_ROOT, run_script
+from tests.conftest import BIN, PROJECT_ROOT, find_aim_run, run_script
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
         "--batch-size", "8", "--eval-iters", "4", "--sample-tokens", "40", "--device", "cpu",
         "--max-iters", "40", "--log-interval", "10", "--eval-interval", "20",
         "--histogram-interval", "20"]
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -34,20 +33,6 @@ def tracked_run(tmp_path_factory) -> tuple[Path, Path]:
     assert result.returncode == 0, result.stderr
     run_dir = Path(re.search(r"run folder: (\S+)", result.stdout).group(1))
     return run_dir, tmp / "aim"
-
-
-def find_aim_run(repo_path: Path, name: str):
-    """The Aim run with this name, read through aim.Repo.
-
-    Aim's SDK reads runs through the repo index, which `aim up` keeps current in the
-    background; `aim storage reindex` brings it up to date here without a server."""
-    import aim
-
-    subprocess.run([str(BIN / "aim"), "storage", "--repo", str(repo_path), "reindex", "--yes"],
-                   check=True, capture_output=True)
-    runs = [run for run in aim.Repo.from_path(str(repo_path)).iter_runs() if run.name == name]
-    assert len(runs) == 1, f"expected one Aim run named {name}, found {len(runs)}"
-    return runs[0]
 
 
 def steps_and_values(sequence) -> tuple[list[int], list[float]]:

@@ -15,11 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from google.protobuf import json_format
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 import train
 from model import LanguageModel, ModelConfig
-from tests.conftest import OPTION_SETS, PROJECT_ROOT, cpu_setup, run_script, state_for
+from tests.conftest import (
+    OPTION_SETS,
+    PROJECT_ROOT,
+    cpu_setup,
+    find_aim_run,
+    run_script,
+    state_for,
+)
 from train import estimate_loss, full_split_loss, optimizer_step
 from utils.budget import (
     CALIBRATION_SECONDS,
@@ -312,11 +321,12 @@ def test_the_pace_check_lengthens_the_run_and_records_it(tiny_config, tmp_path):
 
 
 def test_a_time_budget_becomes_a_recorded_max_iters_that_repeats_the_run(tmp_path):
-    """The budget's max_iters, as the pace check leaves it, is recorded and repeats the run."""
+    """The budget's max_iters, as the pace check leaves it, is recorded (in full_config.json
+    and both trackers' hyperparameters) and repeats the run."""
     runs = tmp_path / "runs"
     flags = [*TINY, "--eval-interval", "20", "--warmup-iters", "2"]
-    budgeted = run_script("train.py", *flags, "--time-budget", "6",
-                          "--runs-dir", str(runs / "budget"))
+    budgeted = run_script("train.py", *flags, "--time-budget", "6", "--aim", "--aim-repo",
+                          str(tmp_path / "aim"), "--runs-dir", str(runs / "budget"))
     assert budgeted.returncode == 0, budgeted.stderr
     calibrated = int(re.search(r"time budget .* -> max_iters=(\d+) \(--max-iters \1 repeats",
                                budgeted.stderr).group(1))
@@ -332,6 +342,8 @@ def test_a_time_budget_becomes_a_recorded_max_iters_that_repeats_the_run(tmp_pat
     saved = json.loads((run_dir / "meta" / "full_config.json").read_text())["train"]
     assert (saved["max_iters"], saved["time_budget"]) == (max_iters, 6.0)
     assert f"finished {max_iters} steps" in budgeted.stderr
+    assert final_hparams(run_dir)["max_iters"] == max_iters
+    assert find_aim_run(tmp_path / "aim", run_dir.name)["hparams"]["max_iters"] == max_iters
 
     repeated = run_script("train.py", *flags, "--max-iters", str(max_iters),
                           "--runs-dir", str(runs / "steps"))
@@ -340,6 +352,15 @@ def test_a_time_budget_becomes_a_recorded_max_iters_that_repeats_the_run(tmp_pat
     for name in ("model.safetensors",):
         first = (run_dir / "artifacts" / "export" / name).read_bytes()
         assert first == (repeat_dir / "artifacts" / "export" / name).read_bytes()
+
+
+def final_hparams(run_dir: Path) -> dict[str, object]:
+    """The hyperparameters of the run's TensorBoard hparams summary (written at its end)."""
+    events = EventAccumulator(str(run_dir / "logs" / "tensorboard"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    return {name: json_format.MessageToDict(value) for name, value in start.hparams.items()}
 
 
 def test_eval_full_scores_the_whole_val_split_and_every_run_reports_it(tmp_path):
