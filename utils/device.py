@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import time
 
 import torch
@@ -41,12 +42,40 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+# glibc's mallopt() parameters (malloc.h), and its largest mmap threshold on 64-bit systems
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+TRIM_THRESHOLD = 1024 * 1024 * 1024
+
+
 def configure_backends(device: torch.device) -> None:
     """Backend switches that pay on this device: TF32 matmuls and convolutions on CUDA, which
-    keep float32 storage but multiply with a 10-bit mantissa on tensor cores."""
+    keep float32 storage but multiply with a 10-bit mantissa on tensor cores; on the CPU,
+    freed memory kept for reuse (keep_freed_memory)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cpu":
+        keep_freed_memory()
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep the blocks (up to 32 MB) this process frees for its next
+    allocations, instead of returning them to the OS; True where it took effect.
+
+    A training step frees and allocates the same multi-megabyte activations every step. By
+    default glibc serves blocks that large with fresh pages from the OS, so each step pays tens
+    of thousands of page faults: about 15% of a CPU step at the default shape (BENCHMARKS.md).
+    The price is that the process keeps its peak memory until it exits. Where the C library is
+    not glibc (macOS, musl), nothing changes."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
+    except (OSError, AttributeError, TypeError):
+        return False
+    # both: above the mmap threshold a block comes from mmap and goes back when freed; above
+    # the trim threshold, free memory at the top of the heap goes back to the OS
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+                and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int | None = None,
