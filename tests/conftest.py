@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from google.protobuf import json_format
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from data import BatchSampler, split_ids
 from model import CLASSIC_ARCHITECTURE, LanguageModel, ModelConfig
@@ -118,3 +121,12 @@ def find_aim_run(repo_path: Path, name: str):
     runs = [run for run in aim.Repo.from_path(str(repo_path)).iter_runs() if run.name == name]
     assert len(runs) == 1, f"expected one Aim run named {name}, found {len(runs)}"
     return runs[0]
+
+
+def final_hparams(run_dir: Path) -> dict[str, object]:
+    """The hyperparameters of the run's TensorBoard hparams summary (written at its end)."""
+    events = EventAccumulator(str(run_dir / "logs" / "tensorboard"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    return {name: json_format.MessageToDict(value) for name, value in start.hparams.items()}

@@ -15,9 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from google.protobuf import json_format
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
 
 import train
 from model import LanguageModel, ModelConfig
@@ -25,6 +23,7 @@ from tests.conftest import (
     OPTION_SETS,
     PROJECT_ROOT,
     cpu_setup,
+    final_hparams,
     find_aim_run,
     run_script,
     state_for,
@@ -352,15 +351,6 @@ def test_a_time_budget_becomes_a_recorded_max_iters_that_repeats_the_run(tmp_pat
     for name in ("model.safetensors",):
         first = (run_dir / "artifacts" / "export" / name).read_bytes()
         assert first == (repeat_dir / "artifacts" / "export" / name).read_bytes()
-
-
-def final_hparams(run_dir: Path) -> dict[str, object]:
-    """The hyperparameters of the run's TensorBoard hparams summary (written at its end)."""
-    events = EventAccumulator(str(run_dir / "logs" / "tensorboard"))
-    events.Reload()
-    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
-    start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
-    return {name: json_format.MessageToDict(value) for name, value in start.hparams.items()}
 
 
 def test_eval_full_scores_the_whole_val_split_and_every_run_reports_it(tmp_path):

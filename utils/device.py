@@ -64,8 +64,8 @@ def keep_freed_memory() -> bool:
     allocations, instead of returning them to the OS; True where it took effect.
 
     A training step frees and allocates the same multi-megabyte activations every step. By
-    default glibc serves blocks that large with fresh pages from the OS, so each step pays tens
-    of thousands of page faults: about 15% of a CPU step at the default shape (BENCHMARKS.md).
+    default glibc serves blocks that large with fresh pages from the OS, so a step pays over
+    ten thousand page faults: about 15% of a CPU step at the default shape (BENCHMARKS.md).
     The price is that the process keeps its peak memory until it exits. Where the C library is
     not glibc (macOS, musl), nothing changes."""
     try:
