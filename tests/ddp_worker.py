@@ -78,8 +78,8 @@ def run(mode: str, corpus: Path, group: distributed.Group) -> tuple[torch.nn.Mod
         "--data-path", str(corpus), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
         "--block-size", "16", "--dropout", "0", "--batch-size", str(GLOBAL_BATCH // world_size),
         "--device", "cpu", "--warmup-iters", "2",
-        # AdamW: Muon orthogonalises in bfloat16, where the last-bit differences of summing
-        # gradients in another order (two ranks vs one batch) can round apart
+        # AdamW: Muon's Newton-Schulz iteration magnifies the last-bit differences of summing
+        # gradients in another order (two ranks vs one batch)
         "--optimizer", "adamw",
         "--grad-accum-steps", "2" if mode == "accumulation" else "1",
     ])

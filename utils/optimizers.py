@@ -3,10 +3,10 @@
     optimizer = build_optimizer(model, cfg, device)    # AdamW, or Muon + AdamW as one
     scheduler = build_scheduler(optimizer, cfg)         # every group: peak rate x lr_factor
 
-With optimizer=muon, torch.optim.Muon takes the 2-D weight matrices inside the blocks and AdamW
-the rest (embeddings, head, gains, biases): Muon orthogonalises each matrix's update, which only
-makes sense for a hidden layer's weights. Every group follows one schedule: its peak learning
-rate times lr_factor(step).
+With optimizer=muon, Muon (torch.optim.Muon's algorithm, state and settings; see Muon below)
+takes the 2-D weight matrices inside the blocks and AdamW the rest (embeddings, head, gains,
+biases): Muon orthogonalises each matrix's update, which only makes sense for a hidden layer's
+weights. Every group follows one schedule: its peak learning rate times lr_factor(step).
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig,
         fused=device.type in ("cuda", "cpu", "mps"))
     if not use_muon:
         return adamw
-    muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                            weight_decay=cfg.muon_weight_decay)
+    muon = Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                weight_decay=cfg.muon_weight_decay,
+                orthogonalize_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     return MuonWithAdamW(muon, adamw)
 
 
@@ -69,6 +70,79 @@ def is_hidden_matrix(name: str, param: torch.nn.Parameter) -> bool:
     return name.startswith("blocks.") and param.dim() == 2
 
 
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon, with the Newton-Schulz iteration in orthogonalize_dtype and over every
+    matrix of one shape at once.
+
+    torch's own step orthogonalises in bfloat16, one matrix at a time. A CPU without native
+    bfloat16 matrix products (AVX2 only) runs those ~50x slower than float32: Muon took 790 of
+    the default run's 1,046 ms per step there (BENCHMARKS.md). On a GPU each matrix's ~20 small
+    kernels are launched from the host one by one. The algorithm, the settings, the param
+    groups and the state (one momentum buffer per matrix) are torch's, so checkpoints are too.
+    """
+
+    def __init__(self, params: Any, *, orthogonalize_dtype: torch.dtype, **settings: Any) -> None:
+        super().__init__(params, **settings)
+        self.orthogonalize_dtype = orthogonalize_dtype
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
+        if closure is not None:
+            raise ValueError("Muon.step takes no closure")
+        for group in self.param_groups:
+            by_shape: dict[torch.Size, list[torch.Tensor]] = {}
+            for param in group["params"]:
+                if param.grad is not None:
+                    by_shape.setdefault(param.shape, []).append(param)
+            for shape, params in by_shape.items():
+                self._step_same_shape(group, shape, params)
+
+    def _step_same_shape(self, group: dict[str, Any], shape: torch.Size,
+                         params: list[torch.Tensor]) -> None:
+        grads = [p.grad for p in params]
+        buffers = []
+        for param in params:
+            state = self.state[param]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(param.grad)
+            buffers.append(state["momentum_buffer"])
+        momentum = group["momentum"]
+        torch._foreach_lerp_(buffers, grads, 1 - momentum)
+        updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
+        orthogonal = orthogonalize(torch.stack(updates), group["ns_coefficients"],
+                                   group["ns_steps"], group["eps"], self.orthogonalize_dtype)
+        lr = group["lr"]
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        torch._foreach_add_(params, list(orthogonal.to(params[0].dtype).unbind(0)),
+                            alpha=-lr * shape_lr_ratio(shape, group["adjust_lr_fn"]))
+
+
+def orthogonalize(updates: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+                  eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """Newton-Schulz's approximation of U V^T for each matrix U S V^T of updates (k, m, n), in
+    dtype: torch.optim.Muon's quintic iteration, batched."""
+    a, b, c = coefficients
+    x = updates.to(dtype)
+    tall = x.size(-2) > x.size(-1)
+    if tall:  # iterate on the wide side: the Gram matrices are then the smaller ones
+        x = x.mT
+    # the Frobenius norm bounds the spectral norm, which the iteration needs at most 1
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT  # (k, m, m)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+def shape_lr_ratio(shape: torch.Size, adjust_lr_fn: str | None) -> float:
+    """torch.optim.Muon's learning-rate multiplier for a (rows, columns) matrix."""
+    rows, columns = shape[:2]
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, columns))
+    return math.sqrt(max(1, rows / columns))
+
+
 class MuonWithAdamW(torch.optim.Optimizer):
     """Muon and AdamW stepped as one optimizer, so the scheduler, GradScaler, checkpoints and
     resume see one set of param groups and one state_dict, as with AdamW alone.
@@ -76,7 +150,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
     The two keep this optimizer's group dicts and state as their own: a learning rate the
     scheduler sets, or state a checkpoint loads, is what they step with."""
 
-    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW) -> None:
+    def __init__(self, muon: Muon, adamw: torch.optim.AdamW) -> None:
         self.parts = (muon, adamw)
         super().__init__([group for part in self.parts for group in part.param_groups], {})
         self._share_with_parts()
