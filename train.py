@@ -207,8 +207,10 @@ def fit(state: TrainingState, setup: Setup, run: RunPaths, tracker: Tracker,
                       f"--resume {run.root}")
     try:
         with GracefulStop() as stop:
-            end, setup = training_loop(state, setup, run, tracker, stop, pace)
-            console.info(f"training ended at step {state.step}: {end}")
+            clock = budget.LoopClock(state.step)
+            end, setup = training_loop(state, setup, run, tracker, stop, pace, clock)
+            console.info(f"training ended at step {state.step}: {end} "
+                         f"({clock.training_seconds():.1f}s of steps, evaluations left out)")
             tracker.log_text("end_reason", end, state.step)
             if not stop.requested:
                 state.last_losses["val_full"] = full_split_loss(state.step_model, setup)
@@ -236,13 +238,14 @@ def fit(state: TrainingState, setup: Setup, run: RunPaths, tracker: Tracker,
 
 
 def training_loop(state: TrainingState, setup: Setup, run: RunPaths, tracker: Tracker,
-                  stop: GracefulStop, pace: budget.PaceCheck | None) -> tuple[str, Setup]:
+                  stop: GracefulStop, pace: budget.PaceCheck | None,
+                  clock: budget.LoopClock) -> tuple[str, Setup]:
     """Optimizer steps until max_iters, early stopping or a stop signal; returns why it ended,
-    and the setup with the max_iters the pace checks settled on."""
+    and the setup with the max_iters the pace checks settled on. The clock is paused during
+    evaluations."""
     cfg = setup.config.train
     nonfinite = NonfiniteCounter(state.nonfinite_in_a_row, state.nonfinite_total, setup.device)
     speed = SpeedMeter(setup, state.model)
-    clock = budget.LoopClock(state.step)
     progress = tqdm(total=cfg.max_iters, initial=state.step, desc="train", unit="step",
                     dynamic_ncols=True, mininterval=0.5,
                     disable=not distributed.is_main_process())

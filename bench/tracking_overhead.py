@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train  # noqa: E402
+from utils.budget import LoopClock  # noqa: E402
 from utils.interrupts import GracefulStop  # noqa: E402
 from utils.runs import create_run  # noqa: E402
 from utils.setup import setup_from_flags  # noqa: E402
@@ -43,7 +44,8 @@ def tokens_per_second(mode: str, steps: int, workdir: Path) -> float:
     for backend in backends:
         backend.start(setup.config, {"command": "bench"})
     start = time.perf_counter()
-    train.training_loop(state, setup, run, tracker, GracefulStop())
+    with GracefulStop() as stop:
+        train.training_loop(state, setup, run, tracker, stop, None, LoopClock(state.step))
     tracker.close()
     elapsed = time.perf_counter() - start
     return steps * setup.tokens_per_step() / elapsed

@@ -79,9 +79,12 @@ class LoopClock:
         finally:
             self.paused_seconds += time.perf_counter() - start
 
+    def training_seconds(self) -> float:
+        """Seconds since the loop began, the paused ones (evaluations) left out."""
+        return time.perf_counter() - self.started - self.paused_seconds
+
     def seconds_per_step(self, step: int) -> float:
-        elapsed = time.perf_counter() - self.started - self.paused_seconds
-        return elapsed / max(1, step - self.first_step)
+        return self.training_seconds() / max(1, step - self.first_step)
 
 
 def calibration_seconds(time_budget: float) -> float:
