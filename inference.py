@@ -6,6 +6,7 @@ Usage: python inference.py --run runs/<id> --prompt "ROMEO." --max-new-tokens 50
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import typing
@@ -18,6 +19,7 @@ import torch
 from model import (
     ConfigFieldError,
     DecodeWeights,
+    KVCache,
     LanguageModel,
     SamplingConfig,
     prepared_for_decoding,
@@ -30,6 +32,8 @@ from utils.errors import UserError
 from utils.runs import load_run_model
 
 SAMPLE_SEPARATOR = "\n---------------\n"
+# choosing a CPU layout: a few decode steps of each, in alternating rounds (~0.2 s at 6x384)
+LAYOUT_TIMING_STEPS, LAYOUT_TIMING_ROUNDS = 4, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,7 +193,7 @@ def generate(argv: Sequence[str]) -> int:
     if device.type == "cpu":
         # weights laid out once for decoding; bfloat16 and int8 live in the weights, so the
         # activations stay float32 and need no autocast
-        model = prepared_for_decoding(model, decode_weights(args.quantize, dtype))
+        model = cpu_decoding_model(model, decode_weights(args.quantize, dtype), args.num_samples)
         dtype = torch.float32
     try:
         prompt_ids = torch.tensor([tokenizer.encode(prompt)] * args.num_samples, device=device)
@@ -219,6 +223,36 @@ def generate(argv: Sequence[str]) -> int:
     sys.stdout.flush()
     console.info(stats.summary(seed))
     return 0
+
+
+def cpu_decoding_model(model: LanguageModel, weights: DecodeWeights,
+                       batch_size: int) -> LanguageModel:
+    """The model with its weights laid out for decoding on this CPU. For float32 that is
+    whichever of F.linear's layout and the transposed one decodes faster here: the transposed
+    one was twice as fast on an AVX-512 CPU and a third slower on an AVX2 one at the default
+    shape (BENCHMARKS.md); both give the same tokens."""
+    prepared = prepared_for_decoding(model, weights)
+    if weights != "float32":
+        return prepared
+    candidates = [model.eval(), prepared]
+    seconds = [math.inf] * len(candidates)
+    for _ in range(LAYOUT_TIMING_ROUNDS):  # alternating, so a slow spell hits both
+        for index, candidate in enumerate(candidates):
+            seconds[index] = min(seconds[index], decode_step_seconds(candidate, batch_size))
+    return candidates[seconds.index(min(seconds))]
+
+
+@torch.no_grad()
+def decode_step_seconds(model: LanguageModel, batch_size: int) -> float:
+    """Seconds of the fastest of a few cached single-token steps of batch_size samples."""
+    cache = KVCache(model.config, batch_size)
+    ids = torch.zeros(batch_size, 1, dtype=torch.long)
+    seconds = []
+    for _ in range(min(LAYOUT_TIMING_STEPS + 1, model.config.block_size)):
+        start = time.perf_counter()
+        model(ids, cache=cache)
+        seconds.append(time.perf_counter() - start)
+    return min(seconds[1:] or seconds)  # the first step also allocates the cache
 
 
 def decode_weights(quantize: str | None, dtype: torch.dtype) -> DecodeWeights:

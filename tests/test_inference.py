@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from safetensors.torch import save_file
 
 import inference
 from inference import StopFilter
-from model import LanguageModel, ModelConfig
+from model import DecodeLinear, LanguageModel, ModelConfig
 from tests.conftest import randomised
 from tokenizer import CharTokenizer
 from utils.checkpoint import load_export, save_export, weights_of
@@ -211,3 +212,23 @@ def test_smaller_cpu_weights_generate_text_of_the_vocabulary(exported_run, capsy
     assert out.startswith("ab") and len(out) == 2 + 30 + 1
     assert set(out) <= set(VOCAB)
     assert "decode" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("faster", ["F.linear", "transposed"])
+def test_cpu_float32_decoding_keeps_the_faster_layout(exported_run, monkeypatch, faster):
+    """Which float32 layout decodes faster depends on the CPU, so inference.py times both."""
+    model, _ = load_export(exported_run / "artifacts" / "export")
+
+    def fake_seconds(candidate: LanguageModel, batch_size: int) -> float:
+        is_transposed = any(isinstance(m, DecodeLinear) for m in candidate.modules())
+        return 1.0 if is_transposed == (faster == "transposed") else 2.0
+
+    monkeypatch.setattr(inference, "decode_step_seconds", fake_seconds)
+    chosen = inference.cpu_decoding_model(model, "float32", batch_size=1)
+    assert any(isinstance(m, DecodeLinear) for m in chosen.modules()) == (faster == "transposed")
+
+
+def test_decode_step_timing_fits_a_one_character_window(exported_run):
+    model, _ = load_export(exported_run / "artifacts" / "export")
+    model = LanguageModel(dataclasses.replace(model.config, block_size=1)).eval()
+    assert inference.decode_step_seconds(model, batch_size=2) > 0
