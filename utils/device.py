@@ -46,6 +46,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
 TRIM_THRESHOLD = 1024 * 1024 * 1024
+# measuring the matmul ceiling: products timed per size, and the product time that ends it
+MATMUL_TIMING_REPEATS, MATMUL_TIMING_SECONDS = 5, 0.02
 
 
 def configure_backends(device: torch.device) -> None:
@@ -78,23 +80,31 @@ def keep_freed_memory() -> bool:
                 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int | None = None,
-                         repeats: int = 10) -> float:
-    """FLOP/s of a square matmul in `dtype` on `device`: the ceiling MFU is measured against
-    when no peak_flops is configured. GPUs need a large product to approach their peak."""
-    size = size or (4096 if device.type == "cuda" else 1024)
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype,
+                         max_size: int | None = None) -> float:
+    """FLOP/s of the fastest square matmul in `dtype` on `device`: the ceiling MFU is measured
+    against when no peak_flops is configured. Sizes double from 256 up to max_size (4096 on
+    CUDA, whose peak needs large products; 1024 elsewhere), stopping early once one product
+    takes longer than MATMUL_TIMING_SECONDS: a CPU without native bfloat16 needs ~3 s for one
+    product at 1024, and timing twelve of them had made such a run wait 35 s at startup."""
+    max_size = max_size or (4096 if device.type == "cuda" else 1024)
     # a private generator: drawing from the global one would shift training's random stream
     generator = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
-    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
-    for _ in range(2):  # warm-up: kernel selection, caches, clocks
-        a @ b
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    synchronize(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
+    best, size = 0.0, min(256, max_size)
+    while True:
+        a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+        b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+        a @ b  # warm-up: kernel selection, caches, clocks
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(MATMUL_TIMING_REPEATS):
+            a @ b
+        synchronize(device)
+        seconds = (time.perf_counter() - start) / MATMUL_TIMING_REPEATS
+        best = max(best, 2 * size**3 / seconds)
+        if size >= max_size or seconds > MATMUL_TIMING_SECONDS:
+            return best
+        size *= 2
 
 
 def synchronize(device: torch.device) -> None:
