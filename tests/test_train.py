@@ -163,10 +163,13 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest(tiny_config):
     assert {"token_embedding.weight", "lm_head.weight"} <= in_adamw
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 1e-3), (torch.float32, 5e-2)])
-def test_muon_steps_as_torch_muon_does(dtype, tolerance):
-    """The same updates as torch.optim.Muon (which orthogonalises in bfloat16), with matrices
-    of several shapes batched together; float32 differs by bfloat16's rounding only."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_muon_steps_as_torch_muon_does(dtype):
+    """The same updates as torch.optim.Muon (which orthogonalises in bfloat16, one matrix at a
+    time), with matrices of several shapes batched together: equal up to bfloat16's rounding,
+    which five Newton-Schulz steps grow to ~2% (batched and single products may round apart
+    on CPUs with native bfloat16)."""
+    tolerance = 5e-2
     shapes = [(24, 8), (8, 8), (8, 32), (24, 8), (8, 32)]
 
     def parameters() -> list[torch.nn.Parameter]:
