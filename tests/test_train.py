@@ -64,6 +64,10 @@ def test_tiny_training_run_learns_exports_and_fills_its_run_folder(tmp_path):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "artifacts" / "checkpoints").is_dir()
 
+    # how long the steps took, evaluations left out: the figure time-to-quality is read in
+    assert re.search(r"training ended at step 300: finished 300 steps \(\d+\.\ds of steps, "
+                     r"evaluations left out\)", result.stderr), result.stderr[-2000:]
+
     final_val = float(re.search(r"val loss (\d+\.\d+)", result.stdout).group(1))
     vocab_size = len(set((PROJECT_ROOT / "input.txt").read_text(encoding="utf-8")))
     assert final_val < math.log(vocab_size) - 1.2
@@ -439,6 +443,18 @@ def test_weight_decay_applies_to_matrices_only():
     assert decayed["weight_decay"] == 0.3 and plain["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decayed["params"])
     assert all(p.dim() == 1 for p in plain["params"])
+
+
+def test_the_loop_clock_leaves_paused_time_out(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    clock = LoopClock(first_step=10)
+    now[0] = 103.0
+    with clock.pause():  # an evaluation
+        now[0] = 110.0
+    now[0] = 112.0
+    assert clock.training_seconds() == 5.0
+    assert clock.seconds_per_step(20) == 0.5
 
 
 def test_bf16_autocast_reaches_the_float32_val_loss(tmp_path, capsys):
