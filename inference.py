@@ -22,6 +22,7 @@ from model import (
     KVCache,
     LanguageModel,
     SamplingConfig,
+    compiled_for_decoding,
     prepared_for_decoding,
 )
 from tokenizer import CharTokenizer, UnknownCharactersError
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--quantize", choices=["int8", "int8-dynamic"],
         help="CPU: int8 weights, one scale per output channel; int8-dynamic also rounds each "
              "layer's input to int8 (FBGEMM): the fastest for larger models (BENCHMARKS.md)")
+    add("--compile", action="store_true",
+        help="CPU: torch.compile the decode step with the weights frozen in; compiling takes "
+             "seconds, then float32 steps run up to 3x faster: for long generations")
     add("--no-kv-cache", action="store_true",
         help="recompute the whole context every step (the slow reference path)")
     add("--no-stream", action="store_true", help="print each sample only once it is complete")
@@ -185,6 +189,16 @@ def generate(argv: Sequence[str]) -> int:
     if args.quantize and device.type != "cpu":
         raise UserError(f"--quantize {args.quantize} is for decoding on a CPU, not {device}; "
                         "drop it, or pass --device cpu")
+    if args.compile and device.type != "cpu":
+        raise UserError(f"--compile compiles decoding on a CPU, not {device}; drop it, or "
+                        "pass --device cpu")
+    if args.compile and (args.quantize or dtype != torch.float32):
+        weights = f"--quantize {args.quantize}" if args.quantize else f"--dtype {args.dtype}"
+        raise UserError(f"--compile compiles float32 decoding; {weights} measured no faster "
+                        "compiled (BENCHMARKS.md); drop one of them")
+    if args.compile and args.no_kv_cache:
+        raise UserError("--compile compiles the cached decode step, which --no-kv-cache turns "
+                        "off; drop one of them")
     if args.quantize and dtype != torch.float32:
         raise UserError(f"--quantize {args.quantize} and --dtype {args.dtype} each set the "
                         "weights' precision; pass one of them")
@@ -193,8 +207,13 @@ def generate(argv: Sequence[str]) -> int:
     if device.type == "cpu":
         # weights laid out once for decoding; bfloat16 and int8 live in the weights, so the
         # activations stay float32 and need no autocast
-        model = cpu_decoding_model(model, decode_weights(args.quantize, dtype), args.num_samples)
+        model = cpu_decoding_model(model, decode_weights(args.quantize, dtype), args.num_samples,
+                                   args.compile)
         dtype = torch.float32
+        if model.compiled_step is not None and model.config.block_size > 1:
+            # compiled before generating, so the decode rate reported is the steps' alone
+            console.info(f"compiled the decode step in "
+                         f"{compile_decode_step(model, args.num_samples):.1f} s")
     try:
         prompt_ids = torch.tensor([tokenizer.encode(prompt)] * args.num_samples, device=device)
     except UnknownCharactersError as error:
@@ -225,12 +244,15 @@ def generate(argv: Sequence[str]) -> int:
     return 0
 
 
-def cpu_decoding_model(model: LanguageModel, weights: DecodeWeights,
-                       batch_size: int) -> LanguageModel:
+def cpu_decoding_model(model: LanguageModel, weights: DecodeWeights, batch_size: int,
+                       compile_step: bool = False) -> LanguageModel:
     """The model with its weights laid out for decoding on this CPU. For float32 that is
     whichever of F.linear's layout and the transposed one decodes faster here: the transposed
     one was twice as fast on an AVX-512 CPU and a third slower on an AVX2 one at the default
-    shape (BENCHMARKS.md); both give the same tokens."""
+    shape (BENCHMARKS.md); both give the same tokens. Compiled decoding (float32 only) keeps
+    F.linear's layout, which the compiler packs for its own kernels."""
+    if compile_step:
+        return compiled_for_decoding(model)
     prepared = prepared_for_decoding(model, weights)
     if weights != "float32":
         return prepared
@@ -253,6 +275,18 @@ def decode_step_seconds(model: LanguageModel, batch_size: int) -> float:
         model(ids, cache=cache)
         seconds.append(time.perf_counter() - start)
     return min(seconds[1:] or seconds)  # the first step also allocates the cache
+
+
+@torch.no_grad()
+def compile_decode_step(model: LanguageModel, batch_size: int) -> float:
+    """Seconds to compile the model's cached decode step, by running it once on a scratch
+    cache of batch_size samples."""
+    cache = KVCache(model.config, batch_size)
+    ids = torch.zeros(batch_size, 1, dtype=torch.long)
+    model(ids, cache=cache)  # the eager prefill, which fills the first slot
+    start = time.perf_counter()
+    model.compiled_step(ids, cache=cache)
+    return time.perf_counter() - start
 
 
 def decode_weights(quantize: str | None, dtype: torch.dtype) -> DecodeWeights:

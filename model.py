@@ -13,7 +13,7 @@ import copy
 import math
 import typing
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -377,6 +377,19 @@ def prepared_for_decoding(model: LanguageModel, weights: DecodeWeights = "float3
     return prepared
 
 
+def compiled_for_decoding(model: LanguageModel) -> LanguageModel:
+    """A copy of the model whose cached one-token steps run through torch.compile, with the
+    weights frozen into the graph as constants (inductor's freezing: on a CPU it packs each
+    matrix once and fuses the step's small ops). Prefills stay eager, and the batch and the
+    cache position are symbolic from the start, so one graph serves every step of every
+    sample. Compiling takes seconds to tens of seconds on a CPU, so it pays for long
+    generations (BENCHMARKS.md). Weights changed after the first step are not seen."""
+    compiled = copy.deepcopy(model).eval()
+    compiled.compiled_step = torch.compile(compiled.forward, dynamic=True,
+                                           options={"freezing": True})
+    return compiled
+
+
 class LanguageModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -395,6 +408,7 @@ class LanguageModel(nn.Module):
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.decode_head: DecodeLinear | None = None  # set by prepared_for_decoding
+        self.compiled_step: Callable[..., Any] | None = None  # set by compiled_for_decoding
         self._init_parameters()
 
     def _init_parameters(self) -> None:
@@ -510,6 +524,7 @@ class LanguageModel(nn.Module):
         text = idx[:, -block_size:]
         window_len = text.size(1)
         cache = KVCache(self.config, idx.size(0)) if use_cache else None
+        cached_step = self.compiled_step if use_cache and self.compiled_step else self
         logits, _ = self(text, cache=cache)
         for step in range(max_new_tokens):
             next_id = sample_next(logits[:, -1], sampling, text, generator)  # (B,)
@@ -524,8 +539,10 @@ class LanguageModel(nn.Module):
                 logits, _ = self(text[:, -keep:], cache=cache)
             else:
                 window_len += 1
-                step_input = next_id[:, None] if cache is not None else text[:, -window_len:]
-                logits, _ = self(step_input, cache=cache)
+                if cache is not None:
+                    logits, _ = cached_step(next_id[:, None], cache=cache)
+                else:
+                    logits, _ = self(text[:, -window_len:])
 
     @torch.no_grad()
     def generate(

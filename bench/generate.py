@@ -1,5 +1,6 @@
 """Decode speed: the KV cache against none, the decode weight layouts (prepared_for_decoding)
-against plain F.linear, batches against one sample, and each layout's agreement with float32.
+and the compiled step (compiled_for_decoding) against plain F.linear, batches against one
+sample, and each mode's agreement with float32.
 
 Speed rows use random weights (speed does not depend on them). Agreement needs a trained model,
 whose logits are peaked as in real use: pass --run runs/<id> (its export) and the table gains
@@ -26,6 +27,7 @@ from model import (  # noqa: E402
     KVCache,
     LanguageModel,
     SamplingConfig,
+    compiled_for_decoding,
     prepared_for_decoding,
 )
 from utils.checkpoint import load_export  # noqa: E402
@@ -35,12 +37,44 @@ from utils.setup import setup_from_flags  # noqa: E402
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "presets" / "gpu.yaml"
 SHAPES = {"default": [], "gpu": ["--config", str(PRESET)]}  # train.py flags
-# F.linear: the model as trained; the others: prepared_for_decoding
-LAYOUTS = ("F.linear", "float32", "bfloat16", "int8", "int8-dynamic")
+# F.linear: the model as trained; compiled: its decode step compiled with the weights frozen
+# in (inference.py --compile); the others: prepared_for_decoding
+LAYOUTS = ("F.linear", "float32", "bfloat16", "int8", "int8-dynamic", "compiled")
 
 
 def decoding_model(model: LanguageModel, layout: str) -> LanguageModel:
-    return model if layout == "F.linear" else prepared_for_decoding(model, layout)
+    if layout == "F.linear":
+        return model
+    if layout == "compiled":
+        return compiled_for_decoding(model)
+    return prepared_for_decoding(model, layout)
+
+
+@torch.no_grad()
+def first_step_seconds(model: LanguageModel, device: torch.device, batch_size: int = 1
+                       ) -> float:
+    """Seconds of the first cached single-token step: for a compiled model, the compiling
+    (again for each new batch size)."""
+    ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+    cache = KVCache(model.config, batch_size)
+    model(ids, cache=cache)
+    step = model.compiled_step or model
+    synchronize(device)
+    start = time.perf_counter()
+    step(ids, cache=cache)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def decoded_logits(model: LanguageModel, prompt: torch.Tensor) -> torch.Tensor:
+    """Logits (T, vocab) for the prompt (1, T) decoded one token at a time with the cache, as
+    generation computes them (through the compiled step, where there is one)."""
+    cache = KVCache(model.config, 1)
+    logits = [model(prompt[:, :1], cache=cache)[0]]
+    step = model.compiled_step or model
+    logits += [step(prompt[:, t:t + 1], cache=cache)[0] for t in range(1, prompt.size(1))]
+    return torch.cat(logits, dim=1)[0]
 
 
 def decode_rate(model: LanguageModel, new_tokens: int, use_cache: bool, device: torch.device,
@@ -67,12 +101,13 @@ def single_token_forward_ms(model: LanguageModel, device: torch.device,
     half = model.config.block_size // 2
     model(torch.zeros(1, half, dtype=torch.long, device=device), cache=cache)
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    step = model.compiled_step or model
     times = []
     for _ in range(repeats):
         cache.length = half
         synchronize(device)
         start = time.perf_counter()
-        model(token, cache=cache)
+        step(token, cache=cache)
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
@@ -82,12 +117,12 @@ def single_token_forward_ms(model: LanguageModel, device: torch.device,
 def agreement(reference: LanguageModel, model: LanguageModel, prompt: torch.Tensor,
               tokens: int) -> tuple[int, float]:
     """(greedy tokens equal to the reference's before the first difference, of `tokens`;
-    the largest logit difference over the prompt's block)."""
+    the largest logit difference over the prompt's block, decoded token by token)."""
     ours = model.generate(prompt[:, :1], tokens, temperature=0)[0, 1:]
     theirs = reference.generate(prompt[:, :1], tokens, temperature=0)[0, 1:]
     differ = (ours != theirs).nonzero()
     same = tokens if len(differ) == 0 else int(differ[0])
-    logit_gap = (model(prompt)[0] - reference(prompt)[0]).abs().max().item()
+    logit_gap = (decoded_logits(model, prompt) - reference(prompt)[0]).abs().max().item()
     return same, logit_gap
 
 
@@ -95,6 +130,7 @@ def speed_table(args: argparse.Namespace, device: torch.device) -> None:
     print("| shape | weights | cached tok/s | uncached tok/s | 1-token forward ms | "
           "cached ms/token | loop overhead | batch 8: ms/step | batch 8 / batch 1 |")
     print("|---|---|---|---|---|---|---|---|---|")
+    notes = []
     for name in args.shapes:
         torch.manual_seed(0)
         config = setup_from_flags([*SHAPES[name], "--device", str(device)]).config.model
@@ -104,6 +140,10 @@ def speed_table(args: argparse.Namespace, device: torch.device) -> None:
                 param.normal_(0.0, 0.02)
         for layout in args.layouts:
             model = decoding_model(trained_like, layout)
+            if layout == "compiled":  # compiled before the timings, for each batch size
+                notes.append(f"{name}: compiling the decode step took "
+                             f"{first_step_seconds(model, device):.1f} s, again for batch 8 "
+                             f"{first_step_seconds(model, device, batch_size=8):.1f} s")
             forward_ms = single_token_forward_ms(model, device)
             cached = decode_rate(model, args.tokens, True, device)
             uncached = decode_rate(model, args.tokens, False, device) if layout == "F.linear" \
@@ -112,6 +152,8 @@ def speed_table(args: argparse.Namespace, device: torch.device) -> None:
             print(f"| {name} | {layout} | {cached:,.0f} | {uncached:,.0f} | {forward_ms:.3f} | "
                   f"{1e3 / cached:.3f} | {1e3 / cached / forward_ms:.2f}x | "
                   f"{1e3 / batched:.3f} | {cached / batched:.2f}x |", flush=True)
+    for note in notes:
+        print(f"\n{note}")
 
 
 def agreement_table(run: Path, tokens: int) -> None:

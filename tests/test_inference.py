@@ -109,6 +109,10 @@ def test_bad_input_gets_one_line_and_exit_2(exported_run, tmp_path, capsys):
         (["--run", run, "--quantize", "int8", "--dtype", "bfloat16"],
          "--quantize int8 and --dtype bfloat16 each set the weights' precision; pass one of them"),
         (["--run", run, "--quantize", "int4"], "argument --quantize: invalid choice: 'int4'"),
+        (["--run", run, "--compile", "--quantize", "int8"],
+         "--compile compiles float32 decoding; --quantize int8 measured no faster compiled"),
+        (["--run", run, "--compile", "--no-kv-cache"],
+         "--compile compiles the cached decode step, which --no-kv-cache turns off"),
     ]
     for argv, message in cases:
         code, out, err = run_inference(capsys, *argv)
@@ -212,6 +216,17 @@ def test_smaller_cpu_weights_generate_text_of_the_vocabulary(exported_run, capsy
     assert out.startswith("ab") and len(out) == 2 + 30 + 1
     assert set(out) <= set(VOCAB)
     assert "decode" in err.strip().splitlines()[-1]
+
+
+def test_compiled_cpu_decoding_writes_the_eager_text(exported_run, capsys):
+    base = ["--run", str(exported_run), "--max-new-tokens", "40", "--prompt", "ab",
+            "--device", "cpu", "--temperature", "0"]
+    code, eager, err = run_inference(capsys, *base)
+    assert code == 0, err
+    code, compiled, err = run_inference(capsys, *base, "--compile")
+    assert code == 0, err
+    assert compiled == eager
+    assert re.search(r"compiled the decode step in \d+\.\d s", err)
 
 
 @pytest.mark.parametrize("faster", ["F.linear", "transposed"])

@@ -18,6 +18,7 @@ from model import (
     ModelConfig,
     SamplingConfig,
     attention_mask,
+    compiled_for_decoding,
     prepared_for_decoding,
     rotate,
     sample_next,
@@ -159,6 +160,21 @@ def test_float32_decode_weights_compute_the_same_model(tiny_config, options):
     assert torch.equal(prepared.generate(prompt, 500, temperature=0, use_cache=False), greedy)
     assert all(not isinstance(m, torch.nn.Linear) for m in prepared.modules())
     assert any(isinstance(m, torch.nn.Linear) for m in model.modules())  # the original is kept
+
+
+def test_compiled_decoding_generates_the_eager_tokens(tiny_config):
+    """The compiled decode step computes the same model: greedy output equals the eager
+    model's well past block_size (window restarts included), and the original model is left
+    uncompiled. The GPT-2 layout here (learned positions, a tied head); inference.py's test
+    compiles the default one."""
+    model = randomised(LanguageModel(dataclasses.replace(tiny_config, **CLASSIC_ARCHITECTURE)))
+    compiled = compiled_for_decoding(model.eval())
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(tiny_config.vocab_size, (2, 3), generator=generator)
+    greedy = model.generate(prompt, 3 * tiny_config.block_size, temperature=0)
+    assert torch.equal(compiled.generate(prompt, 3 * tiny_config.block_size, temperature=0),
+                       greedy)
+    assert model.compiled_step is None
 
 
 @pytest.mark.parametrize(("weights", "tolerance"),
