@@ -380,13 +380,12 @@ def prepared_for_decoding(model: LanguageModel, weights: DecodeWeights = "float3
 def compiled_for_decoding(model: LanguageModel) -> LanguageModel:
     """A copy of the model whose cached one-token steps run through torch.compile, with the
     weights frozen into the graph as constants (inductor's freezing: on a CPU it packs each
-    matrix once and fuses the step's small ops). Prefills stay eager, and the batch and the
-    cache position are symbolic from the start, so one graph serves every step of every
-    sample. Compiling takes seconds to tens of seconds on a CPU, so it pays for long
-    generations (BENCHMARKS.md). Weights changed after the first step are not seen."""
+    matrix once and fuses the step's small ops). Prefills stay eager. The first two steps
+    compile (the second with the cache position symbolic), then every step of that batch size
+    reuses one graph. Compiling takes seconds to tens of seconds on a CPU, so it pays for
+    long generations (BENCHMARKS.md). Weights changed after the first step are not seen."""
     compiled = copy.deepcopy(model).eval()
-    compiled.compiled_step = torch.compile(compiled.forward, dynamic=True,
-                                           options={"freezing": True})
+    compiled.compiled_step = torch.compile(compiled.forward, options={"freezing": True})
     return compiled
 
 

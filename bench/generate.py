@@ -51,17 +51,18 @@ def decoding_model(model: LanguageModel, layout: str) -> LanguageModel:
 
 
 @torch.no_grad()
-def first_step_seconds(model: LanguageModel, device: torch.device, batch_size: int = 1
+def first_steps_seconds(model: LanguageModel, device: torch.device, batch_size: int = 1
                        ) -> float:
-    """Seconds of the first cached single-token step: for a compiled model, the compiling
-    (again for each new batch size)."""
+    """Seconds of the first two cached single-token steps: for a compiled model, the
+    compiling (again for each new batch size)."""
     ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
     cache = KVCache(model.config, batch_size)
     model(ids, cache=cache)
     step = model.compiled_step or model
     synchronize(device)
     start = time.perf_counter()
-    step(ids, cache=cache)
+    for _ in range(2):
+        step(ids, cache=cache)
     synchronize(device)
     return time.perf_counter() - start
 
@@ -142,8 +143,8 @@ def speed_table(args: argparse.Namespace, device: torch.device) -> None:
             model = decoding_model(trained_like, layout)
             if layout == "compiled":  # compiled before the timings, for each batch size
                 notes.append(f"{name}: compiling the decode step took "
-                             f"{first_step_seconds(model, device):.1f} s, again for batch 8 "
-                             f"{first_step_seconds(model, device, batch_size=8):.1f} s")
+                             f"{first_steps_seconds(model, device):.1f} s, again for batch 8 "
+                             f"{first_steps_seconds(model, device, batch_size=8):.1f} s")
             forward_ms = single_token_forward_ms(model, device)
             cached = decode_rate(model, args.tokens, True, device)
             uncached = decode_rate(model, args.tokens, False, device) if layout == "F.linear" \
