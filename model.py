@@ -523,7 +523,7 @@ class LanguageModel(nn.Module):
         text = idx[:, -block_size:]
         window_len = text.size(1)
         cache = KVCache(self.config, idx.size(0)) if use_cache else None
-        cached_step = self.compiled_step if use_cache and self.compiled_step else self
+        cached_step = self.compiled_step or self  # runs every cached one-token step
         logits, _ = self(text, cache=cache)
         for step in range(max_new_tokens):
             next_id = sample_next(logits[:, -1], sampling, text, generator)  # (B,)

@@ -187,6 +187,8 @@ def measure_timings(state: TrainingState, setup: Setup) -> budget.Timings:
     cfg, device = setup.config.train, setup.device
     step = budget.time_steps(lambda: optimizer_step(state, setup), device,
                              budget.calibration_seconds(cfg.time_budget))
+    if cfg.compile:  # the first evaluation compiles its own graph, once: time the second
+        estimate_loss(state.step_model, setup)
     sampled = budget.time_call(lambda: estimate_loss(state.step_model, setup), device)
     # each sampled character costs about the same (the KV cache): time a few, then scale
     timed_tokens = min(cfg.sample_tokens, budget.SAMPLE_TIMING_TOKENS)
