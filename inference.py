@@ -16,15 +16,8 @@ from pathlib import Path
 
 import torch
 
-from model import (
-    ConfigFieldError,
-    DecodeWeights,
-    KVCache,
-    LanguageModel,
-    SamplingConfig,
-    compiled_for_decoding,
-    prepared_for_decoding,
-)
+from decoding import DecodeWeights, compiled_for_decoding, prepared_for_decoding
+from model import ConfigFieldError, KVCache, LanguageModel, SamplingConfig
 from tokenizer import CharTokenizer, UnknownCharactersError
 from utils import console
 from utils.config import DTYPES, ArgumentParser

@@ -9,10 +9,8 @@ Config in, tensors out: no I/O, printing or device choice here.
 
 from __future__ import annotations
 
-import copy
 import math
 import typing
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -296,99 +294,6 @@ class Context:
     rope: tuple[torch.Tensor, torch.Tensor] | None  # cos and sin of the positions, for RoPE
 
 
-DecodeWeights = Literal["float32", "bfloat16", "int8", "int8-dynamic"]
-
-
-class DecodeLinear(nn.Module):
-    """x W^T + b with W laid out for decoding a few rows at a time on a CPU.
-
-    float32 and bfloat16 keep W transposed, (in, out) and contiguous: for one row, CPU kernels
-    read that layout about twice as fast as F.linear's (out, in). int8 keeps W (out, in) with
-    one float32 scale per output channel, for torch's weight-only int8 kernel. int8-dynamic
-    keeps the same int8 weights packed for torch's quantized engine (FBGEMM on x86), which also
-    rounds each input to int8 with one scale per call: several times faster on a CPU, but rows
-    decoded together share that scale, so a sample can differ with its batch. Outputs are in
-    the input's dtype.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
-                 weights: DecodeWeights) -> None:
-        super().__init__()
-        self.weights = weights
-        weight, bias = weight.detach(), None if bias is None else bias.detach().clone()
-        if weights == "int8-dynamic":
-            # the packed weights (and the bias) live in the quantized engine's own object
-            self.packed = packed_int8_linear(weight, bias)
-            bias = None
-        elif weights == "int8":
-            int8, scale = int8_per_channel(weight)
-            self.register_buffer("weight", int8)
-            self.register_buffer("scale", scale)
-        else:
-            self.register_buffer("weight", weight.t().contiguous().to(getattr(torch, weights)))
-        self.register_buffer("bias", bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weights == "int8-dynamic":
-            # reduce_range: 7-bit inputs, so the int16 sums cannot overflow without VNNI
-            y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.size(-1)).float(),
-                                                   self.packed, True)
-        elif self.weights == "int8":
-            y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)).float(), self.weight,
-                                          self.scale)
-        else:
-            y = torch.matmul(x.to(self.weight.dtype), self.weight)
-        y = y.view(*x.shape[:-1], -1).to(x.dtype)
-        return y if self.bias is None else y + self.bias
-
-
-def int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 weight, float32 scale per output channel), symmetric: each row's largest
-    magnitude maps to 127."""
-    scale = weight.abs().amax(dim=1).clamp(min=1e-12).float() / 127.0
-    return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
-
-
-def packed_int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
-    """The weight as int8_per_channel gives it, packed for torch.ops.quantized.linear_dynamic."""
-    int8, scale = int8_per_channel(weight)
-    with warnings.catch_warnings():
-        # torch marks quantized tensors deprecated; its packed linear still needs one
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation")
-        quantized = torch._make_per_channel_quantized_tensor(
-            int8, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
-    return torch.ops.quantized.linear_prepack(quantized, None if bias is None else bias.float())
-
-
-def prepared_for_decoding(model: LanguageModel, weights: DecodeWeights = "float32"
-                          ) -> LanguageModel:
-    """A copy of the model for generation only, every matrix product laid out by DecodeLinear:
-    the same function (float32), or smaller weights (bfloat16, int8, int8-dynamic)."""
-    prepared = copy.deepcopy(model).eval()
-    linears = [(name, module) for name, module in prepared.named_modules()
-               if isinstance(module, nn.Linear)]
-    for name, linear in linears:
-        parent_name, _, attribute = name.rpartition(".")
-        parent = prepared.get_submodule(parent_name)
-        setattr(parent, attribute, DecodeLinear(linear.weight, linear.bias, weights))
-    # a tied head is the embedding, which stays an embedding: the head gets its own layout
-    prepared.decode_head = (DecodeLinear(model.token_embedding.weight, None, weights)
-                            if model.config.tie_embeddings else prepared.lm_head)
-    return prepared
-
-
-def compiled_for_decoding(model: LanguageModel) -> LanguageModel:
-    """A copy of the model whose cached one-token steps run through torch.compile, with the
-    weights frozen into the graph as constants (inductor's freezing: on a CPU it packs each
-    matrix once and fuses the step's small ops). Prefills stay eager. The first two steps
-    compile (the second with the cache position symbolic), then every step of that batch size
-    reuses one graph. Compiling takes seconds to tens of seconds on a CPU, so it pays for
-    long generations (BENCHMARKS.md). Weights changed after the first step are not seen."""
-    compiled = copy.deepcopy(model).eval()
-    compiled.compiled_step = torch.compile(compiled.forward, options={"freezing": True})
-    return compiled
-
-
 class LanguageModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -406,8 +311,9 @@ class LanguageModel(nn.Module):
         self.ln_final = make_norm(config)
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.decode_head: DecodeLinear | None = None  # set by prepared_for_decoding
-        self.compiled_step: Callable[..., Any] | None = None  # set by compiled_for_decoding
+        # set on decoding copies by decoding.py: the head's layout and the compiled step
+        self.decode_head: nn.Module | None = None
+        self.compiled_step: Callable[..., Any] | None = None
         self._init_parameters()
 
     def _init_parameters(self) -> None:

@@ -23,13 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import (  # noqa: E402
-    KVCache,
-    LanguageModel,
-    SamplingConfig,
-    compiled_for_decoding,
-    prepared_for_decoding,
-)
+from decoding import compiled_for_decoding, prepared_for_decoding  # noqa: E402
+from model import KVCache, LanguageModel, SamplingConfig  # noqa: E402
 from utils.checkpoint import load_export  # noqa: E402
 from utils.device import synchronize  # noqa: E402
 from utils.runs import RunPaths  # noqa: E402

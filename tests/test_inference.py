@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 import inference
+from decoding import DecodeLinear
 from inference import StopFilter
-from model import DecodeLinear, LanguageModel, ModelConfig
+from model import LanguageModel, ModelConfig
 from tests.conftest import randomised
 from tokenizer import CharTokenizer
 from utils.checkpoint import load_export, save_export, weights_of

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import model as model_module
+from decoding import compiled_for_decoding, prepared_for_decoding
 from model import (
     CLASSIC_ARCHITECTURE,
     ConfigFieldError,
@@ -18,8 +19,6 @@ from model import (
     ModelConfig,
     SamplingConfig,
     attention_mask,
-    compiled_for_decoding,
-    prepared_for_decoding,
     rotate,
     sample_next,
 )
