@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from decoding import compiled_for_decoding, prepared_for_decoding  # noqa: E402
+from inference import compile_decode_step  # noqa: E402
 from model import KVCache, LanguageModel, SamplingConfig  # noqa: E402
 from utils.checkpoint import load_export  # noqa: E402
 from utils.device import synchronize  # noqa: E402
@@ -43,23 +44,6 @@ def decoding_model(model: LanguageModel, layout: str) -> LanguageModel:
     if layout == "compiled":
         return compiled_for_decoding(model)
     return prepared_for_decoding(model, layout)
-
-
-@torch.no_grad()
-def first_steps_seconds(model: LanguageModel, device: torch.device, batch_size: int = 1
-                       ) -> float:
-    """Seconds of the first two cached single-token steps: for a compiled model, the
-    compiling (again for each new batch size)."""
-    ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-    cache = KVCache(model.config, batch_size)
-    model(ids, cache=cache)
-    step = model.compiled_step or model
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(2):
-        step(ids, cache=cache)
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -135,11 +119,15 @@ def speed_table(args: argparse.Namespace, device: torch.device) -> None:
             for param in trained_like.parameters():
                 param.normal_(0.0, 0.02)
         for layout in args.layouts:
+            if layout == "compiled" and device.type != "cpu":
+                notes.append(f"{name}: no compiled row; inference.py compiles decoding on a "
+                             "CPU only")
+                continue
             model = decoding_model(trained_like, layout)
             if layout == "compiled":  # compiled before the timings, for each batch size
                 notes.append(f"{name}: compiling the decode step took "
-                             f"{first_steps_seconds(model, device):.1f} s, again for batch 8 "
-                             f"{first_steps_seconds(model, device, batch_size=8):.1f} s")
+                             f"{compile_decode_step(model, 1):.1f} s, again for batch 8 "
+                             f"{compile_decode_step(model, 8):.1f} s")
             forward_ms = single_token_forward_ms(model, device)
             cached = decode_rate(model, args.tokens, True, device)
             uncached = decode_rate(model, args.tokens, False, device) if layout == "F.linear" \
