@@ -167,6 +167,12 @@ def test_the_store_is_reused_until_the_source_changes(tmp_path, corpus_file):
     stat = corpus_file.stat()
     os.utime(corpus_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert not load(corpus_file, cache).store.reused
+    # same size, new content, and the mtime set back as cp -p or rsync -t leave it
+    stat = corpus_file.stat()
+    corpus_file.write_text(text.replace("HAMLET", "HAMLEx"), encoding="utf-8")
+    os.utime(corpus_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    restored = load(corpus_file, cache)
+    assert not restored.store.reused and "x" in restored.tokenizer.chars
     # the size
     corpus_file.write_text(text + "more", encoding="utf-8")
     grown = load(corpus_file, cache)

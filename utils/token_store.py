@@ -3,16 +3,17 @@ tokenizer) under the token cache, holding
 
     train.bin, val.bin   token ids, uint8 for up to 256 characters, else uint16
     tokenizer.json       the vocabulary
-    meta.json            counts and the sources' fingerprint (path, size, mtime of each file)
+    meta.json            counts and the sources' fingerprint (path, size, mtime, inode and
+                         ctime of each file)
 
     store = open_token_store(spec, Path(".cache/tokens"), read_chunks)
     store.train[1000:1064]                 # np.memmap: nothing is read until it is used
 
 A store is trusted only whole: it is built in a temporary folder, meta.json written last, and
 renamed into place, so a build killed halfway leaves nothing a later run would read. A source
-whose size or mtime changed makes the store stale, and it is rebuilt. Builders of one store
-take turns on a lock file (torchrun's processes, or two runs at once): one builds, the others
-wait and reuse it.
+whose size, mtime, inode or ctime changed makes the store stale, and it is rebuilt. Builders
+of one store take turns on a lock file (torchrun's processes, or two runs at once): one
+builds, the others wait and reuse it.
 """
 
 from __future__ import annotations
@@ -69,7 +70,10 @@ class StoreSpec:
         return f"{readable or 'corpus'}-{self.key()}"
 
     def fingerprint(self) -> list[dict[str, Any]]:
-        """Each source's path, size and modification time: what a stale store differs in."""
+        """Each source's path, size, modification time, inode and status-change time: what a
+        stale store differs in. The last two catch what size and mtime miss: an edit of the
+        same size whose mtime was set back (cp -p, rsync -t, touch -r), or another file moved
+        into the path; no tool can set a ctime, and any write or rename moves it."""
         prints = []
         for path in self.sources:
             try:
@@ -77,7 +81,8 @@ class StoreSpec:
             except OSError as error:
                 raise DataError(f"cannot read data file {path}: {error.strerror}") from None
             prints.append({"path": str(path.resolve()), "size": stat.st_size,
-                           "mtime_ns": stat.st_mtime_ns})
+                           "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino,
+                           "ctime_ns": stat.st_ctime_ns})
         return prints
 
 
