@@ -219,6 +219,19 @@ def test_smaller_cpu_weights_generate_text_of_the_vocabulary(exported_run, capsy
     assert "decode" in err.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize(("flag", "message"), [
+    ("--compile", "--compile compiles decoding on a CPU, not cuda; drop it, or pass --device cpu"),
+    ("--quantize=int8", "--quantize int8 is for decoding on a CPU, not cuda; drop it"),
+])
+def test_cpu_only_decoding_flags_are_refused_on_a_gpu(exported_run, capsys, monkeypatch, flag,
+                                                      message):
+    """Checked before the run is loaded, so a machine without a GPU can stand in for one."""
+    monkeypatch.setattr(inference, "resolve_device", lambda name: torch.device("cuda"))
+    code, out, err = run_inference(capsys, "--run", str(exported_run), flag)
+    assert code == 2 and out == ""
+    assert err.strip().startswith(f"error: {message}")
+
+
 def test_compiled_cpu_decoding_writes_the_eager_text(exported_run, capsys):
     base = ["--run", str(exported_run), "--max-new-tokens", "40", "--prompt", "ab",
             "--device", "cpu", "--temperature", "0"]

@@ -29,6 +29,7 @@ from tests.conftest import (
     state_for,
 )
 from train import estimate_loss, full_split_loss, optimizer_step
+from utils import budget
 from utils.budget import (
     CALIBRATION_SECONDS,
     PACE_CHECK_SHARES,
@@ -321,6 +322,28 @@ def test_the_pace_check_lengthens_the_run_and_records_it(tiny_config, tmp_path):
         state.scheduler.step()
         state.step += 1
     assert group["lr"] == 0.0  # the decay ends with the run
+
+
+@pytest.mark.parametrize(("compile_model", "evaluation_s"), [(False, 30.0), (True, 1.0)])
+def test_a_compiled_run_budgets_its_evaluations_by_a_compiled_one(
+        tiny_config, monkeypatch, compile_model, evaluation_s):
+    """The first evaluation of a compiled model compiles its graph, once: the calibration
+    times the next one. A fake clock moves only in the evaluations: 30 s for the first, 1 s
+    after."""
+    cfg = TrainConfig(batch_size=4, eval_iters=2, sample_tokens=0, time_budget=10.0)
+    state = train.init_state(cpu_setup(tiny_config, cfg))  # eager steps: nothing compiles
+    setup = cpu_setup(tiny_config, dataclasses.replace(cfg, compile=compile_model))
+    now, calls = [0.0], []
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: now[0])
+
+    def fake_evaluation(model, setup):
+        calls.append(model)
+        now[0] += 30.0 if len(calls) == 1 else 1.0
+        return {"train": 1.0, "val": 1.0}
+
+    monkeypatch.setattr(train, "estimate_loss", fake_evaluation)
+    timings = train.measure_timings(state, setup)
+    assert timings.evaluation == pytest.approx(evaluation_s)
 
 
 def test_a_time_budget_becomes_a_recorded_max_iters_that_repeats_the_run(tmp_path):
