@@ -14,8 +14,10 @@ $(BIN)/.installed: requirements.txt
 train: $(BIN)/.installed
 	$(BIN)/python train.py $(ARGS)
 
+# one worker per core; each test file stays on one worker, so its module fixtures (the
+# reference runs) are built once
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n auto --dist loadfile $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -25,6 +25,22 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the environment's commands: aim, tensorboard
 
 
+def share_cores_among_workers() -> None:
+    """Under `pytest -n N` (make test), give this worker and every process its tests start
+    (through OMP_NUM_THREADS) an equal share of the cores. Each would otherwise run one thread
+    per core, and OpenMP threads that outnumber the cores spin against each other: two workers
+    on two cores took 12 min 41 s that way, against 4 min 24 s with one thread each."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = max(1, (cores or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+share_cores_among_workers()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def token_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Token stores of the whole session go to one temporary folder, not the project's
