@@ -45,7 +45,8 @@ LEVERS = {
     "untied_head": (["--no-tie-embeddings"], ["--tie-embeddings"]),
     "softcap": (["--logit-softcap", "15"], ["--logit-softcap", "none"]),
     "zero_init": (["--zero-init-projections"], ["--no-zero-init-projections"]),
-    "muon": (["--optimizer", "muon"], ["--optimizer", "adamw"]),
+    "muon": (["--optimizer", "muon", "--normuon-beta2", "none"], ["--optimizer", "adamw"]),
+    "normuon": (["--optimizer", "muon", "--normuon-beta2", "0.95"], ["--normuon-beta2", "none"]),
     "wsd": (["--schedule", "wsd", "--min-lr", "0"], ["--schedule", "cosine", "--min-lr", "3e-4"]),
     "adamw_3e-3_0.8_0.95_no_wd": (
         ["--learning-rate", "3e-3", "--min-lr", "3e-4", "--beta1", "0.8", "--beta2", "0.95",

@@ -191,6 +191,16 @@ def test_a_run_saved_before_the_new_options_resumes_as_it_trained(tmp_path):
     assert (config.model.position, config.model.tie_embeddings) == ("learned", True)
     assert (config.train.optimizer, config.train.schedule) == ("adamw", "cosine")
     assert (config.train.max_iters, config.train.time_budget) == (30, None)
+    assert config.train.normuon_beta2 is None  # a Muon run of then: plain Muon
+
+
+def test_normuon_beta2_is_a_decay_or_none(tmp_path):
+    loader = make_loader(tmp_path)
+    assert load(loader, "--normuon-beta2", "none").train.normuon_beta2 is None
+    with pytest.raises(ConfigError, match=r"normuon_beta2 must be in \[0, 1\) \(or none for "
+                                          r"plain Muon\) \(normuon_beta2=1.0 from "
+                                          r"--normuon-beta2\)"):
+        load(loader, "--normuon-beta2", "1")
 
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs" / "presets"

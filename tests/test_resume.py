@@ -340,11 +340,13 @@ def test_bad_resume_gets_one_line_and_exit_2(finished_run, tmp_path, capsys, cas
         assert sorted(p.name for p in finished_run.rglob("*")) == before  # nothing written
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", [["adamw"], ["muon"], ["muon", "--normuon-beta2", "none"]],
+                         ids=["adamw", "normuon", "plain-muon"])
 def test_resume_from_an_earlier_checkpoint_is_bit_exact(tmp_path, capsys, optimizer):
-    """Every optimizer's state (AdamW's moments, Muon's momentum) is in the checkpoint."""
+    """Every optimizer's state (AdamW's moments, Muon's momentum, NorMuon's per-neuron
+    averages) is in the checkpoint."""
     runs = tmp_path / "runs"
-    code, _, err = run_in_process(capsys, *TINY, "--optimizer", optimizer, "--max-iters", "60",
+    code, _, err = run_in_process(capsys, *TINY, "--optimizer", *optimizer, "--max-iters", "60",
                                   "--checkpoint-interval", "20", "--runs-dir", str(runs))
     assert code == 0, err
     (run_dir,) = runs.iterdir()

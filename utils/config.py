@@ -115,6 +115,12 @@ class TrainConfig:
     muon_weight_decay: float = field(
         default=0.0, metadata=_help("Muon's decoupled weight decay")
     )
+    normuon_beta2: float | None = field(
+        default=0.95, metadata=_help("NorMuon: each output neuron's Muon update is divided by "
+                                     "the RMS of its recent updates (an average with this "
+                                     "decay), then the matrix's update is scaled back to its "
+                                     "norm; none = plain Muon")
+    )
     schedule: Literal["cosine", "wsd"] = field(
         default="wsd", metadata=_help("after warmup: cosine decay to min_lr, or wsd: constant, "
                                       "then linear decay over the last decay_fraction")
@@ -247,6 +253,9 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigFieldError(f"{name} must be in [0, 1)", name)
+        if self.normuon_beta2 is not None and not 0.0 <= self.normuon_beta2 < 1.0:
+            raise ConfigFieldError("normuon_beta2 must be in [0, 1) (or none for plain Muon)",
+                                   "normuon_beta2")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigFieldError("grad_clip must be > 0 (or none to disable)", "grad_clip")
         if not DEVICE_PATTERN.fullmatch(self.device):
@@ -294,10 +303,10 @@ RESUMABLE_FIELDS = frozenset({
 })
 
 # What a run saved before these settings existed trained with: the GPT-2 layout, AdamW and a
-# cosine schedule for max_iters steps
+# cosine schedule for max_iters steps, and plain Muon where it used Muon
 SETTINGS_BEFORE_OPTIONS: dict[str, Any] = {
     **CLASSIC_ARCHITECTURE, "optimizer": "adamw", "schedule": "cosine", "time_budget": None,
-    "embedding_lr": None, "head_lr": None,
+    "embedding_lr": None, "head_lr": None, "normuon_beta2": None,
 }
 
 # Model fields a fine-tuning run may set differently from the run it starts from: dropout

@@ -37,7 +37,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig,
     if not use_muon:
         return adamw
     muon = Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                weight_decay=cfg.muon_weight_decay,
+                weight_decay=cfg.muon_weight_decay, neuron_beta2=cfg.normuon_beta2,
                 orthogonalize_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     return MuonWithAdamW(muon, adamw)
 
@@ -72,18 +72,26 @@ def is_hidden_matrix(name: str, param: torch.nn.Parameter) -> bool:
 
 class Muon(torch.optim.Muon):
     """torch.optim.Muon, with the Newton-Schulz iteration in orthogonalize_dtype and over every
-    matrix of one shape at once.
+    matrix of one shape at once, and optionally NorMuon's per-neuron normalisation.
 
     torch's own step orthogonalises in bfloat16, one matrix at a time. A CPU without native
     bfloat16 matrix products (AVX2 only) runs those ~50x slower than float32: Muon took 790 of
     the default run's 1,046 ms per step there (BENCHMARKS.md). On a GPU each matrix's ~20 small
     kernels are launched from the host one by one. The algorithm, the settings, the param
     groups and the state (one momentum buffer per matrix) are torch's, so checkpoints are too.
+
+    With neuron_beta2 set (NorMuon, Li et al. 2025), each row of an orthogonalised update (one
+    output neuron) is divided by the RMS of that row's recent updates, an average with decay
+    neuron_beta2 kept in the state as `neuron_second_moment`, and the update is then scaled back
+    to its own norm: the neurons step evenly and the matrix keeps Muon's step size, so the
+    learning rate means the same (BENCHMARKS.md measures what it is worth).
     """
 
-    def __init__(self, params: Any, *, orthogonalize_dtype: torch.dtype, **settings: Any) -> None:
+    def __init__(self, params: Any, *, orthogonalize_dtype: torch.dtype,
+                 neuron_beta2: float | None = None, **settings: Any) -> None:
         super().__init__(params, **settings)
         self.orthogonalize_dtype = orthogonalize_dtype
+        self.neuron_beta2 = neuron_beta2
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
@@ -111,11 +119,29 @@ class Muon(torch.optim.Muon):
         updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
         orthogonal = orthogonalize(torch.stack(updates), group["ns_coefficients"],
                                    group["ns_steps"], group["eps"], self.orthogonalize_dtype)
+        if self.neuron_beta2 is not None:
+            orthogonal = self._even_out_neurons(params, orthogonal.float())
         lr = group["lr"]
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
         torch._foreach_add_(params, list(orthogonal.to(params[0].dtype).unbind(0)),
                             alpha=-lr * shape_lr_ratio(shape, group["adjust_lr_fn"]))
+
+    def _even_out_neurons(self, params: list[torch.Tensor], orthogonal: torch.Tensor
+                          ) -> torch.Tensor:
+        """NorMuon's step for the orthogonalised updates (k, rows, columns) of params."""
+        mean_squares = orthogonal.square().mean(dim=-1, keepdim=True)  # (k, rows, 1)
+        moments = []
+        for param, new in zip(params, mean_squares.unbind(0), strict=True):
+            state = self.state[param]
+            if "neuron_second_moment" in state:
+                state["neuron_second_moment"].lerp_(new, 1 - self.neuron_beta2)
+            else:  # the first update's own mean squares: its rows come out even at once
+                state["neuron_second_moment"] = new.clone()
+            moments.append(state["neuron_second_moment"])
+        evened = orthogonal * torch.stack(moments).clamp(min=1e-10).rsqrt()
+        norm = orthogonal.norm(dim=(-2, -1), keepdim=True)
+        return evened * (norm / evened.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-10))
 
 
 def orthogonalize(updates: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
