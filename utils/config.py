@@ -111,7 +111,7 @@ class TrainConfig:
                                     "group ends at the same fraction of its peak")
     )
     muon_lr: float = field(default=0.03, metadata=_help("Muon's peak learning rate"))
-    muon_momentum: float = field(default=0.95, metadata=_help("Muon's momentum"))
+    muon_momentum: float = field(default=0.9, metadata=_help("Muon's momentum"))
     muon_weight_decay: float = field(
         default=0.0, metadata=_help("Muon's decoupled weight decay")
     )
