@@ -32,6 +32,7 @@ from train import estimate_loss, full_split_loss, optimizer_step
 from utils import budget
 from utils.budget import (
     CALIBRATION_SECONDS,
+    PACE_CHECK_MARGIN,
     PACE_CHECK_SHARES,
     SAFETY_MARGIN,
     LoopClock,
@@ -247,6 +248,19 @@ def test_the_budget_fits_steps_evaluations_and_the_end():
     spent = steps * 0.1 + evaluations * 2.0 + 3.0
     usable = 100.0 * (1 - SAFETY_MARGIN)
     assert spent <= usable < spent + 0.1 + 2.0 + 1e-9  # one more step would not fit
+
+
+def test_a_pace_check_keeps_a_smaller_margin_than_the_calibration():
+    """After minutes of timed steps the rest of the run keeps PACE_CHECK_MARGIN, not the
+    calibration's SAFETY_MARGIN: the same seconds left fit more steps."""
+    assert PACE_CHECK_MARGIN < SAFETY_MARGIN
+    cfg = TrainConfig(schedule="wsd", max_iters=1000, decay_fraction=0.6, warmup_iters=20,
+                      eval_interval=50)
+    timings = Timings(step=0.1, evaluation=2.0, end=3.0)
+    check = PaceCheck(step=300, deadline=0.0, timings=timings)
+    max_iters = refit_max_iters(300, 0.1, 100.0, check, cfg)
+    assert max_iters == 300 + steps_within(100.0, timings, 50, margin=PACE_CHECK_MARGIN)
+    assert max_iters > 300 + steps_within(100.0, timings, 50)
 
 
 def test_calibration_takes_a_small_share_of_a_short_budget():

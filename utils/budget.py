@@ -34,6 +34,10 @@ SAMPLE_TIMING_TOKENS = 50  # a sample's time grows with its length: time this ma
 # what the estimate cannot see: a checkpoint write, the final export, and above all steps that
 # run slower over a whole run than in its first seconds (5-14% on the 2-core CPU in BENCHMARKS)
 SAFETY_MARGIN = 0.10
+# a pace check has timed minutes of the run, checkpoints and histograms included: the steps
+# after it ran from 3% faster to 4% slower than its pace on the 2-core CPU (BENCHMARKS.md), so
+# the rest of the run keeps a smaller margin and less of the budget is left idle
+PACE_CHECK_MARGIN = 0.05
 # pace checks come this far into wsd's constant phase: the first late enough to have timed a
 # good stretch of the run and early enough that a slower pace can still shorten it by a
 # quarter; the second, on more steps, corrects the first (it can lengthen the run at will)
@@ -121,10 +125,11 @@ def time_call(action: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def steps_within(seconds: float, timings: Timings, eval_interval: int) -> int:
+def steps_within(seconds: float, timings: Timings, eval_interval: int,
+                 margin: float = SAFETY_MARGIN) -> int:
     """The most steps (at least 1) whose training, evaluations (every eval_interval steps and
-    at the last) and end fit in seconds."""
-    usable = seconds * (1.0 - SAFETY_MARGIN) - timings.end - timings.evaluation
+    at the last) and end fit in seconds, less a margin (a share of them) for misjudged pace."""
+    usable = seconds * (1.0 - margin) - timings.end - timings.evaluation
     per_step = timings.step + timings.evaluation / eval_interval
     return max(1, math.floor(usable / per_step))
 
@@ -150,7 +155,8 @@ def refit_max_iters(steps_done: int, seconds_per_step: float, seconds_left: floa
     decay would have begun by steps_done: every learning rate used so far stays the same."""
     timings = Timings(step=seconds_per_step, evaluation=check.timings.evaluation,
                       end=check.timings.end)
-    fitting = steps_done + steps_within(seconds_left, timings, cfg.eval_interval)
+    fitting = steps_done + steps_within(seconds_left, timings, cfg.eval_interval,
+                                        PACE_CHECK_MARGIN)
     return max(fitting, shortest_run_keeping(steps_done, cfg))
 
 
