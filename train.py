@@ -148,7 +148,7 @@ def optimization(model: LanguageModel, setup: Setup) -> dict[str, Any]:
         scheduler=build_scheduler(optimizer, cfg),
         scaler=torch.amp.GradScaler(setup.device.type, enabled=setup.dtype == torch.float16),
         batches=BatchSampler(setup.splits.train, setup.config.model.block_size, cfg.batch_size,
-                             cfg.seed + distributed.rank(), setup.device),
+                             cfg.seed + distributed.rank(), setup.device, cfg.sampling),
     )
 
 

@@ -192,6 +192,7 @@ def test_a_run_saved_before_the_new_options_resumes_as_it_trained(tmp_path):
     assert (config.train.optimizer, config.train.schedule) == ("adamw", "cosine")
     assert (config.train.max_iters, config.train.time_budget) == (30, None)
     assert config.train.normuon_beta2 is None  # a Muon run of then: plain Muon
+    assert config.train.sampling == "random"  # its checkpoint holds a random batch stream
 
 
 def test_normuon_beta2_is_a_decay_or_none(tmp_path):

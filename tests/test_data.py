@@ -330,11 +330,40 @@ def test_batches_are_reproducible_under_the_seed():
     assert not torch.equal(first[0], other)
 
 
-def test_sampler_state_restores_the_batch_stream():
-    sampler = BatchSampler(np.arange(1000, dtype=np.uint16), 8, 4, seed=3)
-    sampler.next_batch()
+def test_epoch_sampling_serves_every_window_once_per_epoch():
+    """Each epoch's windows are the non-overlapping ones from one offset, each served once,
+    and a batch that outlasts an epoch takes the rest from the next."""
+    data = np.arange(104, dtype=np.uint16)  # 96 valid starts at block 8: 12 windows an epoch
+    sampler = BatchSampler(data, block_size=8, batch_size=5, seed=1, sampling="epochs")
+    starts = torch.cat([sampler.next_batch()[0][:, 0] for _ in range(12)])  # 60 = 5 epochs
+    assert sampler.epoch_starts is not None and len(sampler.epoch_starts) == 12
+    for epoch in starts.split(12):
+        offset = int(epoch.min())
+        assert 0 <= offset < 8
+        assert sorted(epoch.tolist()) == list(range(offset, 96, 8))  # all of them, once
+    assert len({int(epoch.min()) for epoch in starts.split(12)}) > 1  # offsets differ
+    assert any(not torch.equal(epoch, epoch.sort().values) for epoch in starts.split(12))
+
+
+def test_epoch_sampling_fills_a_batch_larger_than_an_epoch():
+    data = np.arange(30, dtype=np.uint16)  # 22 valid starts at block 8: 2 or 3 windows
+    x, y = BatchSampler(data, 8, 16, seed=0, sampling="epochs").next_batch()
+    assert x.shape == y.shape == (16, 8)
+    assert torch.equal(y[:, :-1], x[:, 1:]) and int(y.max()) < 30
+
+
+@pytest.mark.parametrize("sampling", ["random", "epochs"])
+def test_sampler_state_restores_the_batch_stream(sampling):
+    sampler = BatchSampler(np.arange(1000, dtype=np.uint16), 8, 4, seed=3, sampling=sampling)
+    for _ in range(40):  # past the first epoch's 124 windows
+        sampler.next_batch()
     state = sampler.state_dict()
-    expected = sampler.next_batch()[0]
-    sampler.next_batch()
-    sampler.load_state_dict(state)
-    assert torch.equal(sampler.next_batch()[0], expected)
+    expected = [sampler.next_batch()[0] for _ in range(40)]  # and on into the next
+    fresh = BatchSampler(np.arange(1000, dtype=np.uint16), 8, 4, seed=99, sampling=sampling)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(fresh.next_batch()[0], batch) for batch in expected)
+
+
+def test_an_unknown_sampling_is_refused():
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        BatchSampler(np.arange(100, dtype=np.uint16), 8, 4, seed=0, sampling="sequential")

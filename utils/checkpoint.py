@@ -243,8 +243,8 @@ class RankState:
 
     @classmethod
     def capture(cls, batches: BatchSampler) -> RankState:
-        tensors = {"sampler.generator": batches.state_dict()["generator"],
-                   "rng.torch": torch.get_rng_state()}
+        tensors = {f"sampler.{key}": value for key, value in batches.state_dict().items()}
+        tensors["rng.torch"] = torch.get_rng_state()
         cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
         for index, cuda_state in enumerate(cuda_states):
             tensors[f"rng.cuda.{index}"] = cuda_state
@@ -254,7 +254,9 @@ class RankState:
         return cls(tensors, meta)
 
     def restore(self, batches: BatchSampler) -> None:
-        batches.load_state_dict({"generator": self.tensors["sampler.generator"]})
+        batches.load_state_dict({key.removeprefix("sampler."): value
+                                 for key, value in self.tensors.items()
+                                 if key.startswith("sampler.")})
         torch.set_rng_state(self.tensors["rng.torch"])
         cuda_states = [self.tensors[k] for k in sorted(self.tensors) if k.startswith("rng.cuda.")]
         if cuda_states and torch.cuda.is_available():
@@ -377,7 +379,7 @@ def restore_checkpoint(
     prefix = _rank_prefix(rank)
     RankState(
         {k.removeprefix(prefix): v for k, v in tensors.items()
-         if k == f"{prefix}sampler.generator" or k.startswith(f"{prefix}rng.")},
+         if k.startswith((f"{prefix}sampler.", f"{prefix}rng."))},
         {k: meta[prefix + k] for k in ("python_rng", "numpy_rng")},
     ).restore(state.batches)
 

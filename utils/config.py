@@ -76,6 +76,12 @@ class TrainConfig:
         default=0.9, metadata=_help("fraction of the text used for training; the rest validates")
     )
     batch_size: int = field(default=16, metadata=_help("sequences per micro-batch, per process"))
+    sampling: Literal["random", "epochs"] = field(
+        default="epochs", metadata=_help("training windows: random = each starts anywhere, "
+                                         "drawn independently (nanoGPT's); epochs = every "
+                                         "non-overlapping window once per epoch, from a random "
+                                         "offset, in random order")
+    )
     grad_accum_steps: int = field(
         default=1, metadata=_help("micro-batches per optimizer step, per process "
                                    "(the global batch is batch_size x this x processes)")
@@ -306,7 +312,7 @@ RESUMABLE_FIELDS = frozenset({
 # cosine schedule for max_iters steps, and plain Muon where it used Muon
 SETTINGS_BEFORE_OPTIONS: dict[str, Any] = {
     **CLASSIC_ARCHITECTURE, "optimizer": "adamw", "schedule": "cosine", "time_budget": None,
-    "embedding_lr": None, "head_lr": None, "normuon_beta2": None,
+    "embedding_lr": None, "head_lr": None, "normuon_beta2": None, "sampling": "random",
 }
 
 # Model fields a fine-tuning run may set differently from the run it starts from: dropout
