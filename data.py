@@ -221,8 +221,9 @@ class BatchSampler:
     sampling="random" draws each window's start anywhere in the split, independently
     (nanoGPT's get_batch). sampling="epochs" serves every non-overlapping window once per
     epoch, from a random offset and in a random order, so each token is a target once per
-    epoch: on tinyshakespeare the default run's val loss ends 0.005-0.017 lower at the same
+    epoch: on tinyshakespeare the default run's val loss ends 0.003-0.019 lower at the same
     steps (BENCHMARKS.md). A batch that outlasts an epoch takes the rest from the next one.
+    An epoch's order takes 4 bytes per window: 31 MB for a billion tokens at block 128.
     """
 
     def __init__(
@@ -242,7 +243,8 @@ class BatchSampler:
         self.device = torch.device(device)
         self.sampling = sampling
         self.generator = torch.Generator().manual_seed(seed)
-        self.epoch_starts: torch.Tensor | None = None  # this epoch's window starts, in order
+        self.epoch_order: torch.Tensor | None = None  # this epoch's windows, by index
+        self.epoch_offset = 0  # where its window 0 starts
         self.epoch_generator_state: torch.Tensor | None = None  # the state that drew them
         self.position = 0  # windows of this epoch already served
 
@@ -269,22 +271,23 @@ class BatchSampler:
     def _starts_from_epochs(self) -> torch.Tensor:
         parts, wanted = [], self.batch_size
         while wanted:
-            if self.epoch_starts is None or self.position == len(self.epoch_starts):
+            if self.epoch_order is None or self.position == len(self.epoch_order):
                 self._begin_epoch()
-            assert self.epoch_starts is not None
-            part = self.epoch_starts[self.position:self.position + wanted]
+            assert self.epoch_order is not None
+            part = self.epoch_order[self.position:self.position + wanted]
             self.position += len(part)
             wanted -= len(part)
-            parts.append(part)
+            parts.append(self.epoch_offset + part.long() * self.block_size)
         return torch.cat(parts)
 
     def _begin_epoch(self) -> None:
         self.epoch_generator_state = self.generator.get_state()
-        offset = int(torch.randint(min(self.block_size, self.valid_starts), (1,),
-                                   generator=self.generator))
-        count = -(-(self.valid_starts - offset) // self.block_size)  # ceil: every start fits
-        order = torch.randperm(count, generator=self.generator)
-        self.epoch_starts = offset + order * self.block_size
+        self.epoch_offset = int(torch.randint(min(self.block_size, self.valid_starts), (1,),
+                                              generator=self.generator))
+        count = -(-(self.valid_starts - self.epoch_offset) // self.block_size)  # all that fit
+        # the same order as int64 (torch draws it alike), in half the memory
+        dtype = torch.int32 if count < 2**31 else torch.int64
+        self.epoch_order = torch.randperm(count, generator=self.generator, dtype=dtype)
         self.position = 0
 
     def state_dict(self) -> dict[str, torch.Tensor]:

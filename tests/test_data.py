@@ -336,7 +336,7 @@ def test_epoch_sampling_serves_every_window_once_per_epoch():
     data = np.arange(104, dtype=np.uint16)  # 96 valid starts at block 8: 12 windows an epoch
     sampler = BatchSampler(data, block_size=8, batch_size=5, seed=1, sampling="epochs")
     starts = torch.cat([sampler.next_batch()[0][:, 0] for _ in range(12)])  # 60 = 5 epochs
-    assert sampler.epoch_starts is not None and len(sampler.epoch_starts) == 12
+    assert sampler.epoch_order is not None and len(sampler.epoch_order) == 12
     for epoch in starts.split(12):
         offset = int(epoch.min())
         assert 0 <= offset < 8
