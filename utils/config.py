@@ -309,7 +309,7 @@ RESUMABLE_FIELDS = frozenset({
 })
 
 # What a run saved before these settings existed trained with: the GPT-2 layout, AdamW and a
-# cosine schedule for max_iters steps, and plain Muon where it used Muon
+# cosine schedule for max_iters steps, plain Muon where it used Muon, and random windows
 SETTINGS_BEFORE_OPTIONS: dict[str, Any] = {
     **CLASSIC_ARCHITECTURE, "optimizer": "adamw", "schedule": "cosine", "time_budget": None,
     "embedding_lr": None, "head_lr": None, "normuon_beta2": None, "sampling": "random",
