@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from model import ModelConfig
-from tests.conftest import run_script
+from tests.conftest import PROJECT_ROOT, run_script
 from utils.config import ConfigError, ConfigLoader, TrainConfig
 
 
@@ -193,6 +193,17 @@ def test_a_run_saved_before_the_new_options_resumes_as_it_trained(tmp_path):
     assert (config.train.max_iters, config.train.time_budget) == (30, None)
     assert config.train.normuon_beta2 is None  # a Muon run of then: plain Muon
     assert config.train.sampling == "random"  # its checkpoint holds a random batch stream
+
+
+def test_sampling_is_epochs_by_default_and_random_on_request(tmp_path):
+    loader = make_loader(tmp_path, config_json={})
+    assert load(loader).train.sampling == "epochs"
+    assert load(loader, "--sampling", "random").train.sampling == "random"
+    classic = load(loader, "--config", str(PROJECT_ROOT / "configs/presets/classic.yaml"))
+    assert classic.train.sampling == "random"  # nanoGPT's get_batch
+    with pytest.raises(ConfigError, match=r"sampling: expected one of random, epochs, got "
+                                          r"'sequential' \(from --sampling\)"):
+        load(loader, "--sampling", "sequential")
 
 
 def test_normuon_beta2_is_a_decay_or_none(tmp_path):
