@@ -54,8 +54,9 @@ LEVERS = {
         ["--learning-rate", "1e-3", "--min-lr", "0", "--beta1", "0.9", "--beta2", "0.99",
          "--weight-decay", "0.1"]),
     "embedding_lr": (["--embedding-lr", "0.3"], ["--embedding-lr", "none"]),
-    "batch_16x128": (["--batch-size", "16", "--block-size", "128"],
+    "batch_32x128": (["--batch-size", "32", "--block-size", "128"],
                      ["--batch-size", "12", "--block-size", "64"]),
+    "epochs": (["--sampling", "epochs"], ["--sampling", "random"]),
 }
 FULL_LOSS = re.compile(r"full-split val loss (\d+\.\d+)")
 

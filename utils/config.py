@@ -75,7 +75,7 @@ class TrainConfig:
     train_split: float = field(
         default=0.9, metadata=_help("fraction of the text used for training; the rest validates")
     )
-    batch_size: int = field(default=16, metadata=_help("sequences per micro-batch, per process"))
+    batch_size: int = field(default=32, metadata=_help("sequences per micro-batch, per process"))
     sampling: Literal["random", "epochs"] = field(
         default="epochs", metadata=_help("training windows: random = each starts anywhere, "
                                          "drawn independently (nanoGPT's); epochs = every "
