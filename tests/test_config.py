@@ -29,7 +29,7 @@ def test_the_dataclass_defaults_are_the_default_run(tmp_path):
         ConfigLoader(cwd=tmp_path, environ={}).build_parser().parse_args([]))
     assert config.train == TrainConfig()
     assert config.model == ModelConfig()
-    assert (config.model.n_layer, config.model.n_embd, config.train.batch_size) == (4, 128, 16)
+    assert (config.model.n_layer, config.model.n_embd, config.train.batch_size) == (4, 128, 32)
     assert config.train.time_budget == 280.0
 
 
@@ -154,7 +154,7 @@ def test_unparseable_and_missing_config_files_are_reported(tmp_path):
 def test_help_lists_every_flag_with_its_configured_default():
     result = run_script("train.py", "--help")
     assert result.returncode == 0
-    for flag, default in (("--batch-size", "16"), ("--n-layer", "4"), ("--learning-rate", "0.003"),
+    for flag, default in (("--batch-size", "32"), ("--n-layer", "4"), ("--learning-rate", "0.003"),
                           ("--grad-clip", "1.0"), ("--compile", "False"), ("--run-tag", "run")):
         entry = result.stdout[result.stdout.index(f"\n  {flag}"):].split("\n  --")[1]
         assert f"(default: {default})" in " ".join(entry.split()), flag
