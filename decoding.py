@@ -3,18 +3,22 @@
 Generation reads every weight once per token, so on a CPU the layout of the weights and the
 per-step overhead set its speed. prepared_for_decoding copies a model with every matrix product
 laid out for decoding a few rows at a time (float32 transposed, bfloat16, int8, int8-dynamic);
-compiled_for_decoding copies one whose cached one-token steps run through torch.compile.
+compiled_for_decoding copies one whose cached one-token steps run through torch.compile, with
+each one-sample product compiled into a streaming pass over its weights (StreamedLinear) and
+the attention over the cache into passes over the keys and values (streamed_attention).
 Both return a LanguageModel that generates as the original does (BENCHMARKS.md measures each).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from model import LanguageModel
 
@@ -99,13 +103,64 @@ def prepared_for_decoding(model: LanguageModel, weights: DecodeWeights = "float3
     return prepared
 
 
+class StreamedLinear(nn.Module):
+    """x W^T + b whose one-row product, inside a compiled graph, is written as W times the
+    row, summed over the input features.
+
+    Inductor turns that sum into one vectorised pass over W on every thread, which reads the
+    weights at memory speed: on a 2-core AVX2 CPU about 5x faster than the matrix-vector
+    kernels behind F.linear, for the same float32 arithmetic in another order (BENCHMARKS.md).
+    Several rows keep F.linear, whose matrix kernel shares each read of W among them (written
+    as a sum, each row would read W again); so do eager calls (the prefills), where the
+    product would be materialised first.
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and x.numel() == x.size(-1):
+            y = (self.weight * x.reshape(1, -1)).sum(dim=-1).view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
+def streamed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                       is_causal: bool = False) -> torch.Tensor:
+    """F.scaled_dot_product_attention, except that inside a compiled graph one query over the
+    cache is written as sums: inductor fuses them into one pass over the keys and one over the
+    values, where a call to the CPU's SDPA kernel costs more than one query's arithmetic."""
+    if (torch.compiler.is_compiling() and q.size(-2) == 1 and attn_mask is not None
+            and dropout_p == 0.0):
+        scores = (q * k).sum(dim=-1, keepdim=True) / math.sqrt(q.size(-1))  # (B, H, keys, 1)
+        scores = scores.masked_fill(~attn_mask.mT, float("-inf"))
+        return (torch.softmax(scores, dim=-2) * v).sum(dim=-2, keepdim=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal)
+
+
 def compiled_for_decoding(model: LanguageModel) -> LanguageModel:
     """A copy of the model whose cached one-token steps run through torch.compile, with the
     weights frozen into the graph as constants (inductor's freezing: on a CPU it packs each
-    matrix once and fuses the step's small ops). Prefills stay eager. The first two steps
-    compile (the second with the cache position symbolic), then every step of that batch size
-    reuses one graph. Compiling takes seconds to tens of seconds on a CPU, so it pays for
+    matrix once and fuses the step's small ops), one-sample products streamed (StreamedLinear)
+    and the one query's attention too (streamed_attention). Prefills stay eager. The first two
+    steps compile (the second with the cache position symbolic), then every step of that batch
+    size reuses one graph. Compiling takes seconds to tens of seconds on a CPU, so it pays for
     long generations (BENCHMARKS.md). Weights changed after the first step are not seen."""
     compiled = copy.deepcopy(model).eval()
+    linears = [(name, module) for name, module in compiled.named_modules()
+               if isinstance(module, nn.Linear)]
+    for name, linear in linears:
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(compiled.get_submodule(parent_name), attribute,
+                StreamedLinear(linear.weight, linear.bias))
+    for block in compiled.blocks:
+        block.attn.attend = streamed_attention
+    # a tied head is the embedding, which stays an embedding: the head shares its weight
+    compiled.decode_head = (StreamedLinear(compiled.token_embedding.weight, None)
+                            if model.config.tie_embeddings else compiled.lm_head)
     compiled.compiled_step = torch.compile(compiled.forward, options={"freezing": True})
     return compiled

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
              "layer's input to int8 (FBGEMM): the fastest for larger models (BENCHMARKS.md)")
     add("--compile", action="store_true",
         help="CPU: torch.compile the decode step with the weights frozen in; compiling takes "
-             "seconds, then float32 steps run up to 3x faster: for long generations")
+             "seconds, then one sample decodes about 3x faster: for long generations")
     add("--no-kv-cache", action="store_true",
         help="recompute the whole context every step (the slow reference path)")
     add("--no-stream", action="store_true", help="print each sample only once it is complete")
@@ -243,7 +243,7 @@ def cpu_decoding_model(model: LanguageModel, weights: DecodeWeights, batch_size:
     whichever of F.linear's layout and the transposed one decodes faster here: the transposed
     one was twice as fast on an AVX-512 CPU and a third slower on an AVX2 one at the default
     shape (BENCHMARKS.md); both give the same tokens. Compiled decoding (float32 only) keeps
-    F.linear's layout, which the compiler packs for its own kernels."""
+    F.linear's layout: the compiler streams one sample's products and packs a batch's."""
     if compile_step:
         return compiled_for_decoding(model)
     prepared = prepared_for_decoding(model, weights)

@@ -226,6 +226,8 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # SDPA's signature; compiled decoding swaps in its own for single queries (decoding.py)
+        self.attend: Callable[..., torch.Tensor] = F.scaled_dot_product_attention
 
     def forward(self, x: torch.Tensor, context: Context) -> torch.Tensor:
         """Causal self-attention; with a cache that already holds keys, the context's mask
@@ -249,9 +251,7 @@ class CausalSelfAttention(nn.Module):
                 # kernels reuse their plans (a growing key length made bf16 decode ~25x slower)
                 k, v = keys, values
         dropout_p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None
-        )
+        y = self.attend(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.proj(y))
 

@@ -42,6 +42,9 @@ def decoding_model(model: LanguageModel, layout: str) -> LanguageModel:
     if layout == "F.linear":
         return model
     if layout == "compiled":
+        # forget the graphs compiled for earlier models, whose steps this process has run:
+        # Dynamo counts the graphs of model.forward together and stops compiling at eight
+        torch._dynamo.reset()
         return compiled_for_decoding(model)
     return prepared_for_decoding(model, layout)
 
@@ -130,10 +133,10 @@ def speed_table(args: argparse.Namespace, device: torch.device) -> None:
                              f"{compile_decode_step(model, 8):.1f} s")
             forward_ms = single_token_forward_ms(model, device)
             cached = decode_rate(model, args.tokens, True, device)
-            uncached = decode_rate(model, args.tokens, False, device) if layout == "F.linear" \
-                else float("nan")
+            uncached = (f"{decode_rate(model, args.tokens, False, device):,.0f}"
+                        if layout == "F.linear" else "-")
             batched = decode_rate(model, args.tokens, True, device, batch_size=8)
-            print(f"| {name} | {layout} | {cached:,.0f} | {uncached:,.0f} | {forward_ms:.3f} | "
+            print(f"| {name} | {layout} | {cached:,.0f} | {uncached} | {forward_ms:.3f} | "
                   f"{1e3 / cached:.3f} | {1e3 / cached / forward_ms:.2f}x | "
                   f"{1e3 / batched:.3f} | {cached / batched:.2f}x |", flush=True)
     for note in notes:

@@ -10,7 +10,12 @@ import pytest
 import torch
 
 import model as model_module
-from decoding import compiled_for_decoding, prepared_for_decoding
+from decoding import (
+    StreamedLinear,
+    compiled_for_decoding,
+    prepared_for_decoding,
+    streamed_attention,
+)
 from model import (
     CLASSIC_ARCHITECTURE,
     ConfigFieldError,
@@ -161,19 +166,51 @@ def test_float32_decode_weights_compute_the_same_model(tiny_config, options):
     assert any(isinstance(m, torch.nn.Linear) for m in model.modules())  # the original is kept
 
 
-def test_compiled_decoding_generates_the_eager_tokens(tiny_config):
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_compiled_decoding_generates_the_eager_tokens(tiny_config, batch_size):
     """The compiled decode step computes the same model: greedy output equals the eager
-    model's well past block_size (window restarts included), and the original model is left
-    uncompiled. The GPT-2 layout here (learned positions, a tied head); inference.py's test
-    compiles the default one."""
+    model's well past block_size (window restarts included), for one sample (whose products
+    are streamed) and for a batch, and the original model is left uncompiled. The GPT-2
+    layout here (learned positions, a tied head); inference.py's test compiles the default
+    one."""
     model = randomised(LanguageModel(dataclasses.replace(tiny_config, **CLASSIC_ARCHITECTURE)))
     compiled = compiled_for_decoding(model.eval())
     generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(tiny_config.vocab_size, (2, 3), generator=generator)
+    prompt = torch.randint(tiny_config.vocab_size, (batch_size, 3), generator=generator)
     greedy = model.generate(prompt, 3 * tiny_config.block_size, temperature=0)
     assert torch.equal(compiled.generate(prompt, 3 * tiny_config.block_size, temperature=0),
                        greedy)
     assert model.compiled_step is None
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_streamed_linear_compiles_to_the_same_product(rows, bias):
+    """Compiled, StreamedLinear computes x W^T + b for one row (as a streamed sum) and for
+    several (through F.linear) up to float32 rounding; eager it is F.linear exactly."""
+    linear = torch.nn.Linear(48, 40, bias=bias)
+    streamed = StreamedLinear(linear.weight, linear.bias)
+    x = torch.randn(rows, 1, 48)
+    with torch.no_grad():
+        expected = linear(x)
+        assert torch.equal(streamed(x), expected)
+        compiled = torch.compile(streamed, options={"freezing": True})(x)
+    assert compiled.shape == expected.shape
+    torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("past", [0, 3, 5])
+def test_streamed_attention_compiles_to_sdpa(past):
+    """Compiled, one query over a masked cache (the decode step) gives SDPA's output up to
+    float32 rounding, unfilled slots ignored; eager it is SDPA exactly."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, length, 8, generator=generator) for length in (1, 6, 6))
+    mask = attention_mask(past, 1, 6, q.device)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(streamed_attention(q, k, v, attn_mask=mask), expected)
+    compiled = torch.compile(streamed_attention)(q, k, v, attn_mask=mask)
+    assert compiled.shape == expected.shape
+    torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(("weights", "tolerance"),
