@@ -112,17 +112,23 @@ class StreamedLinear(nn.Module):
     kernels behind F.linear, for the same float32 arithmetic in another order (BENCHMARKS.md).
     Several rows keep F.linear, whose matrix kernel shares each read of W among them (written
     as a sum, each row would read W again); so do eager calls (the prefills), where the
-    product would be materialised first.
+    product would be materialised first. With streamed_dtype bfloat16 the one-row steps read
+    a bfloat16 copy of W, half the bytes, and still add up in float32.
     """
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None,
+                 streamed_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.weight = weight
         self.bias = bias
+        # what one-row steps read: the weight itself, or a bfloat16 copy (half the bytes)
+        self.register_buffer("streamed_weight", weight.detach().to(streamed_dtype),
+                             persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and x.numel() == x.size(-1):
-            y = (self.weight * x.reshape(1, -1)).sum(dim=-1).view(*x.shape[:-1], -1)
+            row = x.reshape(1, -1)
+            y = (self.streamed_weight.float() * row).sum(dim=-1).view(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
@@ -142,25 +148,27 @@ def streamed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                           is_causal=is_causal)
 
 
-def compiled_for_decoding(model: LanguageModel) -> LanguageModel:
+def compiled_for_decoding(model: LanguageModel, streamed_dtype: torch.dtype = torch.float32
+                          ) -> LanguageModel:
     """A copy of the model whose cached one-token steps run through torch.compile, with the
     weights frozen into the graph as constants (inductor's freezing: on a CPU it packs each
     matrix once and fuses the step's small ops), one-sample products streamed (StreamedLinear)
-    and the one query's attention too (streamed_attention). Prefills stay eager. The first two
-    steps compile (the second with the cache position symbolic), then every step of that batch
-    size reuses one graph. Compiling takes seconds to tens of seconds on a CPU, so it pays for
-    long generations (BENCHMARKS.md). Weights changed after the first step are not seen."""
+    and the one query's attention too (streamed_attention); streamed_dtype bfloat16 streams
+    bfloat16 copies of the weights. Prefills stay eager. The first two steps compile (the
+    second with the cache position symbolic), then every step of that batch size reuses one
+    graph. Compiling takes seconds to tens of seconds on a CPU, so it pays for long
+    generations (BENCHMARKS.md). Weights changed after the first step are not seen."""
     compiled = copy.deepcopy(model).eval()
     linears = [(name, module) for name, module in compiled.named_modules()
                if isinstance(module, nn.Linear)]
     for name, linear in linears:
         parent_name, _, attribute = name.rpartition(".")
         setattr(compiled.get_submodule(parent_name), attribute,
-                StreamedLinear(linear.weight, linear.bias))
+                StreamedLinear(linear.weight, linear.bias, streamed_dtype))
     for block in compiled.blocks:
         block.attn.attend = streamed_attention
     # a tied head is the embedding, which stays an embedding: the head shares its weight
-    compiled.decode_head = (StreamedLinear(compiled.token_embedding.weight, None)
+    compiled.decode_head = (StreamedLinear(compiled.token_embedding.weight, None, streamed_dtype)
                             if model.config.tie_embeddings else compiled.lm_head)
     compiled.compiled_step = torch.compile(compiled.forward, options={"freezing": True})
     return compiled

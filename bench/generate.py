@@ -34,18 +34,21 @@ from utils.setup import setup_from_flags  # noqa: E402
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "presets" / "gpu.yaml"
 SHAPES = {"default": [], "gpu": ["--config", str(PRESET)]}  # train.py flags
 # F.linear: the model as trained; compiled: its decode step compiled with the weights frozen
-# in (inference.py --compile); the others: prepared_for_decoding
-LAYOUTS = ("F.linear", "float32", "bfloat16", "int8", "int8-dynamic", "compiled")
+# in (inference.py --compile), compiled-bfloat16 streaming bfloat16 copies of them (with
+# --dtype bfloat16); the others: prepared_for_decoding
+LAYOUTS = ("F.linear", "float32", "bfloat16", "int8", "int8-dynamic", "compiled",
+           "compiled-bfloat16")
 
 
 def decoding_model(model: LanguageModel, layout: str) -> LanguageModel:
     if layout == "F.linear":
         return model
-    if layout == "compiled":
+    if layout.startswith("compiled"):
         # forget the graphs compiled for earlier models, whose steps this process has run:
         # Dynamo counts the graphs of model.forward together and stops compiling at eight
         torch._dynamo.reset()
-        return compiled_for_decoding(model)
+        return compiled_for_decoding(model, torch.bfloat16 if layout.endswith("bfloat16")
+                                     else torch.float32)
     return prepared_for_decoding(model, layout)
 
 
@@ -122,12 +125,12 @@ def speed_table(args: argparse.Namespace, device: torch.device) -> None:
             for param in trained_like.parameters():
                 param.normal_(0.0, 0.02)
         for layout in args.layouts:
-            if layout == "compiled" and device.type != "cpu":
+            if layout.startswith("compiled") and device.type != "cpu":
                 notes.append(f"{name}: no compiled row; inference.py compiles decoding on a "
                              "CPU only")
                 continue
             model = decoding_model(trained_like, layout)
-            if layout == "compiled":  # compiled before the timings, for each batch size
+            if layout.startswith("compiled"):  # compiled before the timings, for each batch size
                 notes.append(f"{name}: compiling the decode step took "
                              f"{compile_decode_step(model, 1):.1f} s, again for batch 8 "
                              f"{compile_decode_step(model, 8):.1f} s")

@@ -232,6 +232,26 @@ def test_smaller_decode_weights_stay_close_to_float32(tiny_config, weights, tole
     assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
 
 
+def test_compiled_bfloat16_decoding_stays_close_to_float32(tiny_config):
+    """Compiled with bfloat16 streamed weights, one sample's decode steps move the logits by
+    a small fraction of their spread, as bfloat16 weights do eager."""
+    model = randomised(LanguageModel(tiny_config)).eval()
+    compiled = compiled_for_decoding(model, torch.bfloat16)
+    idx = torch.randint(tiny_config.vocab_size, (1, tiny_config.block_size),
+                        generator=torch.Generator().manual_seed(0))
+    cache = KVCache(tiny_config, 1)
+    with torch.no_grad():
+        reference = model(idx)[0][0]
+        logits = [compiled(idx[:, :1], cache=cache)[0][0]]  # the eager prefill
+        logits += [compiled.compiled_step(idx[:, t:t + 1], cache=cache)[0][0]
+                   for t in range(1, idx.size(1))]
+    logits = torch.cat(logits)
+    assert logits.dtype == torch.float32
+    spread = (reference.max() - reference.min()).item()
+    assert 0 < (logits[1:] - reference[1:]).abs().max().item() <= 0.05 * spread
+    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
+
+
 def test_model_config_rejects_heads_that_do_not_divide_width():
     with pytest.raises(ConfigFieldError, match="n_embd=30 must be divisible by n_head=4"):
         ModelConfig(vocab_size=5, n_embd=30, n_head=4)
