@@ -247,9 +247,9 @@ def cpu_decoding_model(model: LanguageModel, weights: DecodeWeights, batch_size:
     """The model with its weights laid out for decoding on this CPU. For float32 that is
     whichever of F.linear's layout and the transposed one decodes faster here: the transposed
     one was twice as fast on an AVX-512 CPU and a third slower on an AVX2 one at the default
-    shape (BENCHMARKS.md); both give the same tokens. Compiled decoding (float32 only) keeps
-    F.linear's layout: the compiler streams one sample's products (from a bfloat16 copy of
-    the weights with --dtype bfloat16) and packs a batch's."""
+    shape (BENCHMARKS.md); both give the same tokens. Compiled decoding (float32 or
+    bfloat16) keeps F.linear's layout: the compiler streams one sample's products (from a
+    bfloat16 copy of the weights with --dtype bfloat16) and packs a batch's."""
     if compile_step:
         return compiled_for_decoding(model, getattr(torch, weights))
     prepared = prepared_for_decoding(model, weights)
