@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -90,17 +91,26 @@ def prepared_for_decoding(model: LanguageModel, weights: DecodeWeights = "float3
                           ) -> LanguageModel:
     """A copy of the model for generation only, every matrix product laid out by DecodeLinear:
     the same function (float32), or smaller weights (bfloat16, int8, int8-dynamic)."""
-    prepared = copy.deepcopy(model).eval()
-    linears = [(name, module) for name, module in prepared.named_modules()
+    return with_linears_replaced(model, lambda weight, bias: DecodeLinear(weight, bias, weights))
+
+
+def with_linears_replaced(
+    model: LanguageModel,
+    replacement: Callable[[nn.Parameter, nn.Parameter | None], nn.Module],
+) -> LanguageModel:
+    """An eval copy of the model with every nn.Linear replaced by replacement(weight, bias),
+    and the output layer too (decode_head): a tied head is the embedding, which stays an
+    embedding, so the head gets its own module over the embedding's weight."""
+    copied = copy.deepcopy(model).eval()
+    linears = [(name, module) for name, module in copied.named_modules()
                if isinstance(module, nn.Linear)]
     for name, linear in linears:
         parent_name, _, attribute = name.rpartition(".")
-        parent = prepared.get_submodule(parent_name)
-        setattr(parent, attribute, DecodeLinear(linear.weight, linear.bias, weights))
-    # a tied head is the embedding, which stays an embedding: the head gets its own layout
-    prepared.decode_head = (DecodeLinear(model.token_embedding.weight, None, weights)
-                            if model.config.tie_embeddings else prepared.lm_head)
-    return prepared
+        setattr(copied.get_submodule(parent_name), attribute,
+                replacement(linear.weight, linear.bias))
+    copied.decode_head = (replacement(copied.token_embedding.weight, None)
+                          if model.config.tie_embeddings else copied.lm_head)
+    return copied
 
 
 class StreamedLinear(nn.Module):
@@ -158,17 +168,9 @@ def compiled_for_decoding(model: LanguageModel, streamed_dtype: torch.dtype = to
     second with the cache position symbolic), then every step of that batch size reuses one
     graph. Compiling takes seconds to tens of seconds on a CPU, so it pays for long
     generations (BENCHMARKS.md). Weights changed after the first step are not seen."""
-    compiled = copy.deepcopy(model).eval()
-    linears = [(name, module) for name, module in compiled.named_modules()
-               if isinstance(module, nn.Linear)]
-    for name, linear in linears:
-        parent_name, _, attribute = name.rpartition(".")
-        setattr(compiled.get_submodule(parent_name), attribute,
-                StreamedLinear(linear.weight, linear.bias, streamed_dtype))
+    compiled = with_linears_replaced(
+        model, lambda weight, bias: StreamedLinear(weight, bias, streamed_dtype))
     for block in compiled.blocks:
         block.attn.attend = streamed_attention
-    # a tied head is the embedding, which stays an embedding: the head shares its weight
-    compiled.decode_head = (StreamedLinear(compiled.token_embedding.weight, None, streamed_dtype)
-                            if model.config.tie_embeddings else compiled.lm_head)
     compiled.compiled_step = torch.compile(compiled.forward, options={"freezing": True})
     return compiled
