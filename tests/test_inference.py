@@ -236,9 +236,11 @@ def test_cpu_only_decoding_flags_are_refused_on_a_gpu(exported_run, capsys, monk
     assert err.strip().startswith(f"error: {message}")
 
 
-def test_compiled_cpu_decoding_writes_the_eager_text(exported_run, capsys):
+@pytest.mark.parametrize("sampling", [["--temperature", "0"], ["--seed", "3"]])
+def test_compiled_cpu_decoding_writes_the_eager_text(exported_run, capsys, sampling):
+    """Greedy, or sampled with a seed: --compile writes the text the eager model writes."""
     base = ["--run", str(exported_run), "--max-new-tokens", "40", "--prompt", "ab",
-            "--device", "cpu", "--temperature", "0"]
+            "--device", "cpu", *sampling]
     code, eager, err = run_inference(capsys, *base)
     assert code == 0, err
     code, compiled, err = run_inference(capsys, *base, "--compile")
