@@ -3,9 +3,10 @@
 Generation reads every weight once per token, so on a CPU the layout of the weights and the
 per-step overhead set its speed. prepared_for_decoding copies a model with every matrix product
 laid out for decoding a few rows at a time (float32 transposed, bfloat16, int8, int8-dynamic);
-compiled_for_decoding copies one whose cached one-token steps run through torch.compile, with
-each one-sample product compiled into a streaming pass over its weights (StreamedLinear) and
-the attention over the cache into passes over the keys and values (streamed_attention).
+compiled_for_decoding copies one whose cached one-token steps run through torch.compile with
+the weights frozen in (CompiledDecodeStep), its products in inductor's packed C++ matrix
+kernels and the attention over the cache as passes over the keys and values
+(streamed_attention).
 Both return a LanguageModel that generates as the original does (BENCHMARKS.md measures each).
 """
 
@@ -113,36 +114,6 @@ def with_linears_replaced(
     return copied
 
 
-class StreamedLinear(nn.Module):
-    """x W^T + b whose one-row product, inside a compiled graph, is written as W times the
-    row, summed over the input features.
-
-    Inductor turns that sum into one vectorised pass over W on every thread, which reads the
-    weights at memory speed: on a 2-core AVX2 CPU about 5x faster than the matrix-vector
-    kernels behind F.linear, for the same float32 arithmetic in another order (BENCHMARKS.md).
-    Several rows keep F.linear, whose matrix kernel shares each read of W among them (written
-    as a sum, each row would read W again); so do eager calls (the prefills), where the
-    product would be materialised first. With streamed_dtype bfloat16 the one-row steps read
-    a bfloat16 copy of W, half the bytes, and still add up in float32.
-    """
-
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None,
-                 streamed_dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        self.weight = weight
-        self.bias = bias
-        # what one-row steps read: the weight itself, or a bfloat16 copy (half the bytes)
-        self.register_buffer("streamed_weight", weight.detach().to(streamed_dtype),
-                             persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.numel() == x.size(-1):
-            row = x.reshape(1, -1)
-            y = (self.streamed_weight.float() * row).sum(dim=-1).view(*x.shape[:-1], -1)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
-
-
 def streamed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                        is_causal: bool = False) -> torch.Tensor:
@@ -158,19 +129,74 @@ def streamed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                           is_causal=is_causal)
 
 
-def compiled_for_decoding(model: LanguageModel, streamed_dtype: torch.dtype = torch.float32
+class CompiledDecodeStep:
+    """A model's forward through torch.compile for decode steps, with its weights frozen into
+    the graph and every product in inductor's own C++ matrix kernels.
+
+    Freezing makes the weights constants of the graph, which inductor packs once into the
+    blocked layout of its C++ matrix kernels (its CPP GEMM template, chosen by max_autotune);
+    on a 2-core AVX2 CPU those read the weights several times faster than the kernels behind
+    F.linear for one sample or eight, in float32 and bfloat16 alike (BENCHMARKS.md), so aten's
+    kernels are not timed against them, which would add seconds per shape to compiling. The
+    template needs constant weights, so every call runs without autograd, which freezing
+    requires. Dynamo reads the freezing flag too, while it traces (to put the weights in the
+    graph rather than among its inputs), so the flag cannot travel with the compile options:
+    it is switched on around every call, for the compiles that later batch sizes cause too.
+    """
+
+    def __init__(self, forward: Callable[..., Any]) -> None:
+        self.forward = torch.compile(forward, options={"max_autotune": True,
+                                                       "max_autotune_gemm_backends": "CPP"})
+
+    @torch.no_grad()
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        inductor_config = torch._inductor.config
+        freezing = inductor_config.freezing
+        inductor_config.freezing = True
+        try:
+            return self.forward(*args, **kwargs)
+        finally:
+            inductor_config.freezing = freezing
+
+
+class BFloat16StepLinear(nn.Module):
+    """x W^T + b that reads a bfloat16 copy of W inside a compiled graph (the decode steps:
+    half the bytes per step, added up in float32 by inductor's kernels, the output rounded to
+    bfloat16) and W itself in eager calls (the prefills, where a CPU without bfloat16
+    arithmetic would spend far longer on bfloat16 than the bytes save). Outputs are in the
+    input's dtype."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.register_buffer("step_weight", weight.detach().to(torch.bfloat16),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            return F.linear(x, self.weight, self.bias)
+        y = F.linear(x.to(torch.bfloat16), self.step_weight).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def compiled_for_decoding(model: LanguageModel, weights: DecodeWeights = "float32"
                           ) -> LanguageModel:
-    """A copy of the model whose cached one-token steps run through torch.compile, with the
-    weights frozen into the graph as constants (inductor's freezing: on a CPU it packs each
-    matrix once and fuses the step's small ops), one-sample products streamed (StreamedLinear)
-    and the one query's attention too (streamed_attention); streamed_dtype bfloat16 streams
-    bfloat16 copies of the weights. Prefills stay eager. The first two steps compile (the
-    second with the cache position symbolic), then every step of that batch size reuses one
-    graph. Compiling takes seconds to tens of seconds on a CPU, so it pays for long
-    generations (BENCHMARKS.md). Weights changed after the first step are not seen."""
-    compiled = with_linears_replaced(
-        model, lambda weight, bias: StreamedLinear(weight, bias, streamed_dtype))
+    """An eval copy of the model whose cached one-token steps run through CompiledDecodeStep,
+    the one query's attention written as sums (streamed_attention); with bfloat16 weights the
+    steps read bfloat16 copies of the matrices (BFloat16StepLinear). Prefills stay eager, with
+    the float32 weights. The first two steps of a batch size compile (the second with the
+    cache position symbolic), then its steps reuse one graph. Compiling takes tens of seconds
+    on a CPU the first time (inductor keeps what it built on disk for the next), so it pays
+    for long generations (BENCHMARKS.md). Weights changed after the first step are not
+    seen."""
+    if weights == "float32":
+        compiled = copy.deepcopy(model).eval()
+    elif weights == "bfloat16":
+        compiled = with_linears_replaced(model, BFloat16StepLinear)
+    else:
+        raise ValueError(f"compiled decoding takes float32 or bfloat16 weights, not {weights}")
     for block in compiled.blocks:
         block.attn.attend = streamed_attention
-    compiled.compiled_step = torch.compile(compiled.forward, options={"freezing": True})
+    compiled.compiled_step = CompiledDecodeStep(compiled.forward)
     return compiled

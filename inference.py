@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
              "layer's input to int8 (FBGEMM): the fastest for larger models (BENCHMARKS.md)")
     add("--compile", action="store_true",
         help="CPU: torch.compile the decode step with the weights frozen in; compiling takes "
-             "seconds, then one sample decodes 3-4x faster: for long generations. With "
-             "--dtype bfloat16 one sample's steps read bfloat16 weights")
+             "tens of seconds the first time, then decoding runs 4-6x faster: for long "
+             "generations. With --dtype bfloat16 the steps read bfloat16 weights")
     add("--no-kv-cache", action="store_true",
         help="recompute the whole context every step (the slow reference path)")
     add("--no-stream", action="store_true", help="print each sample only once it is complete")
@@ -190,10 +190,6 @@ def generate(argv: Sequence[str]) -> int:
         weights = f"--quantize {args.quantize}" if args.quantize else f"--dtype {args.dtype}"
         raise UserError(f"--compile compiles float32 or bfloat16 decoding; {weights} measured "
                         "no faster compiled (BENCHMARKS.md); drop one of them")
-    if args.compile and dtype == torch.bfloat16 and args.num_samples > 1:
-        raise UserError("--compile --dtype bfloat16 streams bfloat16 weights for one sample; "
-                        "--num-samples decodes its batch with float32 weights: drop --dtype "
-                        "bfloat16, or pass --num-samples 1")
     if args.compile and args.no_kv_cache:
         raise UserError("--compile compiles the cached decode step, which --no-kv-cache turns "
                         "off; drop one of them")
@@ -248,10 +244,9 @@ def cpu_decoding_model(model: LanguageModel, weights: DecodeWeights, batch_size:
     whichever of F.linear's layout and the transposed one decodes faster here: the transposed
     one was twice as fast on an AVX-512 CPU and a third slower on an AVX2 one at the default
     shape (BENCHMARKS.md); both give the same tokens. Compiled decoding (float32 or
-    bfloat16) keeps F.linear's layout: the compiler streams one sample's products (from a
-    bfloat16 copy of the weights with --dtype bfloat16) and packs a batch's."""
+    bfloat16) packs the weights for the compiler's own matrix kernels, whatever the layout."""
     if compile_step:
-        return compiled_for_decoding(model, getattr(torch, weights))
+        return compiled_for_decoding(model, weights)
     prepared = prepared_for_decoding(model, weights)
     if weights != "float32":
         return prepared

@@ -34,8 +34,8 @@ from utils.setup import setup_from_flags  # noqa: E402
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "presets" / "gpu.yaml"
 SHAPES = {"default": [], "gpu": ["--config", str(PRESET)]}  # train.py flags
 # F.linear: the model as trained; compiled: its decode step compiled with the weights frozen
-# in (inference.py --compile), compiled-bfloat16 streaming bfloat16 copies of them (with
-# --dtype bfloat16); the others: prepared_for_decoding
+# in (inference.py --compile), compiled-bfloat16 with bfloat16 weights (with --dtype
+# bfloat16); the others: prepared_for_decoding
 LAYOUTS = ("F.linear", "float32", "bfloat16", "int8", "int8-dynamic", "compiled",
            "compiled-bfloat16")
 
@@ -47,8 +47,8 @@ def decoding_model(model: LanguageModel, layout: str) -> LanguageModel:
         # forget the graphs compiled for earlier models, whose steps this process has run:
         # Dynamo counts the graphs of model.forward together and stops compiling at eight
         torch._dynamo.reset()
-        return compiled_for_decoding(model, torch.bfloat16 if layout.endswith("bfloat16")
-                                     else torch.float32)
+        return compiled_for_decoding(model, "bfloat16" if layout.endswith("bfloat16")
+                                     else "float32")
     return prepared_for_decoding(model, layout)
 
 
