@@ -134,11 +134,11 @@ class CompiledDecodeStep:
     the graph and every product in inductor's own C++ matrix kernels.
 
     Freezing makes the weights constants of the graph, which inductor packs once into the
-    blocked layout of its C++ matrix kernels (its CPP GEMM template, chosen by max_autotune);
-    on a 2-core AVX2 CPU those read the weights several times faster than the kernels behind
-    F.linear for one sample or eight, in float32 and bfloat16 alike (BENCHMARKS.md), so aten's
-    kernels are not timed against them, which would add seconds per shape to compiling. The
-    template needs constant weights, so every call runs without autograd, which freezing
+    blocked layout of its C++ matrix kernels (its CPP GEMM template, which max_autotune turns
+    on); on a 2-core AVX2 CPU those read the weights several times faster than the kernels
+    behind F.linear for one sample or eight, in float32 and bfloat16 alike (BENCHMARKS.md), so
+    aten's kernels are not timed against them, which would add seconds per shape to compiling.
+    The template needs constant weights, so every call runs without autograd, which freezing
     requires. Dynamo reads the freezing flag too, while it traces (to put the weights in the
     graph rather than among its inputs), so the flag cannot travel with the compile options:
     it is switched on around every call, for the compiles that later batch sizes cause too.
@@ -186,10 +186,9 @@ def compiled_for_decoding(model: LanguageModel, weights: DecodeWeights = "float3
     the one query's attention written as sums (streamed_attention); with bfloat16 weights the
     steps read bfloat16 copies of the matrices (BFloat16StepLinear). Prefills stay eager, with
     the float32 weights. The first two steps of a batch size compile (the second with the
-    cache position symbolic), then its steps reuse one graph. Compiling takes tens of seconds
-    on a CPU the first time (inductor keeps what it built on disk for the next), so it pays
-    for long generations (BENCHMARKS.md). Weights changed after the first step are not
-    seen."""
+    cache position symbolic), then its steps reuse one graph. Compiling takes 15-30 s on a
+    2-core CPU, so it pays for long generations (BENCHMARKS.md). Weights changed after the
+    first step are not seen."""
     if weights == "float32":
         compiled = copy.deepcopy(model).eval()
     elif weights == "bfloat16":
