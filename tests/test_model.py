@@ -182,6 +182,27 @@ def test_compiled_decoding_generates_the_eager_tokens(tiny_config, batch_size):
     assert model.compiled_step is None
 
 
+def test_compiled_decoding_packs_its_matrices_at_its_first_step(tiny_config):
+    """The compiled step's weights are constants of its graph, so inductor packs its own
+    copies of the matrices for its matrix kernels: matrices changed after the first step are
+    not seen by the compiled step, while an eager forward sees them."""
+    compiled = compiled_for_decoding(randomised(LanguageModel(tiny_config)).eval())
+    cache = KVCache(tiny_config, 1)
+    ids = torch.tensor([[1]])
+    with torch.no_grad():
+        compiled(ids, cache=cache)  # the eager prefill
+        before = compiled.compiled_step(ids, cache=cache)[0]
+        for module in compiled.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.zero_()
+        cache.length = 1
+        after = compiled.compiled_step(ids, cache=cache)[0]
+        cache.length = 1
+        eager = compiled(ids, cache=cache)[0]
+    assert torch.equal(after, before)
+    assert not torch.equal(eager, before)
+
+
 @pytest.mark.parametrize("past", [0, 3, 5])
 def test_streamed_attention_compiles_to_sdpa(past):
     """Compiled, one query over a masked cache (the decode step) gives SDPA's output up to
