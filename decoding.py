@@ -186,7 +186,7 @@ def compiled_for_decoding(model: LanguageModel, weights: DecodeWeights = "float3
     the one query's attention written as sums (streamed_attention); with bfloat16 weights the
     steps read bfloat16 copies of the matrices (BFloat16StepLinear). Prefills stay eager, with
     the float32 weights. The first two steps of a batch size compile (the second with the
-    cache position symbolic), then its steps reuse one graph. Compiling takes 15-30 s on a
+    cache position symbolic), then its steps reuse one graph. Compiling takes 15-40 s on a
     2-core CPU, so it pays for long generations (BENCHMARKS.md). The step packs its own
     copies of the matrices when it compiles: change the weights, and compile a new copy."""
     if weights == "float32":
