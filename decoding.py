@@ -131,7 +131,8 @@ def streamed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 class CompiledDecodeStep:
     """A model's forward through torch.compile for decode steps, with its weights frozen into
-    the graph and every product in inductor's own C++ matrix kernels.
+    the graph, every product in inductor's own C++ matrix kernels, and the cache position
+    symbolic from the first step.
 
     Freezing makes the weights constants of the graph, which inductor packs once into the
     blocked layout of its C++ matrix kernels (its CPP GEMM template, which max_autotune turns
@@ -139,10 +140,15 @@ class CompiledDecodeStep:
     behind F.linear for one sample or eight, in float32 and bfloat16 alike (BENCHMARKS.md), so
     aten's kernels are not timed against them, which would add seconds per shape to compiling.
     The template needs constant weights, so every call runs without autograd, which freezing
-    requires. Dynamo reads the freezing flag too, while it traces (to put the weights in the
-    graph rather than among its inputs), so the flag cannot travel with the compile options:
-    it is switched on around every call, for the compiles that later batch sizes cause too.
+    requires. Dynamo reads two settings while it traces, so they cannot travel with the compile
+    options and are switched on around every call, for the compiles that later batch sizes
+    cause too: the freezing flag (to put the weights in the graph rather than among its
+    inputs), and the forward's cache.length among the dynamic sources, so that the first step
+    compiles one graph for every position instead of one for its own position, then a second,
+    symbolic one at the next step.
     """
+
+    CACHE_POSITION = "L['cache'].length"  # the forward's argument `cache`, as Dynamo names it
 
     def __init__(self, forward: Callable[..., Any]) -> None:
         self.forward = torch.compile(forward, options={"max_autotune": True,
@@ -150,13 +156,17 @@ class CompiledDecodeStep:
 
     @torch.no_grad()
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        inductor_config = torch._inductor.config
-        freezing = inductor_config.freezing
+        # set and restored by hand: a config.patch context costs more than a small step's
+        # arithmetic
+        inductor_config, compiler_config = torch._inductor.config, torch.compiler.config
+        freezing, dynamic_sources = inductor_config.freezing, compiler_config.dynamic_sources
         inductor_config.freezing = True
+        compiler_config.dynamic_sources = self.CACHE_POSITION
         try:
             return self.forward(*args, **kwargs)
         finally:
             inductor_config.freezing = freezing
+            compiler_config.dynamic_sources = dynamic_sources
 
 
 class BFloat16StepLinear(nn.Module):
@@ -185,8 +195,8 @@ def compiled_for_decoding(model: LanguageModel, weights: DecodeWeights = "float3
     """An eval copy of the model whose cached one-token steps run through CompiledDecodeStep,
     the one query's attention written as sums (streamed_attention); with bfloat16 weights the
     steps read bfloat16 copies of the matrices (BFloat16StepLinear). Prefills stay eager, with
-    the float32 weights. The first two steps of a batch size compile (the second with the
-    cache position symbolic), then its steps reuse one graph. Compiling takes 15-40 s on a
+    the float32 weights. The first step of a batch size compiles its graph, which every later
+    step of that batch size reuses, whatever its position. Compiling takes 15-40 s on a
     2-core CPU, so it pays for long generations (BENCHMARKS.md). The step packs its own
     copies of the matrices when it compiles: change the weights, and compile a new copy."""
     if weights == "float32":

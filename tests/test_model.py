@@ -167,16 +167,19 @@ def test_float32_decode_weights_compute_the_same_model(tiny_config, options):
 
 def test_compiled_decoding_generates_the_eager_tokens(tiny_config):
     """The compiled decode step computes the same model: greedy output equals the eager
-    model's well past block_size (window restarts included), for a batch, and the original
-    model is left uncompiled. The GPT-2 layout here (learned positions, a tied head);
-    inference.py's tests compile the default one for one sample."""
+    model's well past block_size (window restarts included), for a batch, from one graph
+    compiled at the first step for every position; the original model is left uncompiled.
+    The GPT-2 layout here (learned positions, a tied head); inference.py's tests compile the
+    default one for one sample."""
     model = randomised(LanguageModel(dataclasses.replace(tiny_config, **CLASSIC_ARCHITECTURE)))
     compiled = compiled_for_decoding(model.eval())
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(tiny_config.vocab_size, (2, 3), generator=generator)
     greedy = model.generate(prompt, 3 * tiny_config.block_size, temperature=0)
-    assert torch.equal(compiled.generate(prompt, 3 * tiny_config.block_size, temperature=0),
-                       greedy)
+    torch._dynamo.reset()  # no graph of an earlier test's model, whose guards would fail
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        decoded = compiled.generate(prompt, 3 * tiny_config.block_size, temperature=0)
+    assert torch.equal(decoded, greedy)
     assert model.compiled_step is None
 
 
