@@ -517,7 +517,19 @@ def sample_next(
         logits = logits.scatter(1, context, penalised)
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / sampling.temperature
+    probs = sampling_probabilities(logits, sampling)
+    # one draw of torch.multinomial(probs, 1), the same token for the same generator state,
+    # without its checks of probs (softmax's are valid), which cost more than the draw:
+    # the largest p_i / q_i with q_i ~ Exp(1) is token i with probability p_i
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def sampling_probabilities(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """The probabilities (B, vocab) a token is drawn from at temperature > 0: softmax of
+    logits / temperature, with the tokens top_k, top_p and min_p drop set to 0."""
+    if sampling.temperature != 1.0:
+        logits = logits / sampling.temperature
     if sampling.top_k is not None:
         kth = torch.topk(logits, min(sampling.top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -532,4 +544,4 @@ def sample_next(
         # keep tokens at least min_p times as likely as the most likely one (which always stays)
         threshold = sampling.min_p * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < threshold, 0.0)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return probs

@@ -25,6 +25,7 @@ from model import (
     attention_mask,
     rotate,
     sample_next,
+    sampling_probabilities,
 )
 from tests.conftest import OPTION_SETS, randomised
 
@@ -332,6 +333,19 @@ def test_sampling_with_the_same_seed_repeats(tiny_model):
 
     assert torch.equal(draw(5), draw(5))
     assert not torch.equal(draw(5), draw(6))
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.7, top_k=5),
+                                      SamplingConfig(top_p=0.9), SamplingConfig(min_p=0.1)])
+def test_sampling_draws_the_token_multinomial_draws(sampling):
+    """A seed gives the text torch.multinomial would give it: one draw from the same
+    probabilities and generator state picks the same token, row by row."""
+    logits = 3 * torch.randn(200, 65, generator=torch.Generator().manual_seed(0))
+    ours, theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for row in logits.split(4):
+        probs = sampling_probabilities(row, sampling)
+        assert torch.equal(sample_next(row, sampling, generator=ours),
+                           torch.multinomial(probs, 1, generator=theirs).squeeze(1))
 
 
 def test_top_k_of_one_is_greedy():
