@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import LanguageModel
+from model import KVCache, LanguageModel
 
 DecodeWeights = Literal["float32", "bfloat16", "int8", "int8-dynamic"]
 
@@ -139,34 +139,49 @@ class CompiledDecodeStep:
     on); on a 2-core AVX2 CPU those read the weights several times faster than the kernels
     behind F.linear for one sample or eight, in float32 and bfloat16 alike (BENCHMARKS.md), so
     aten's kernels are not timed against them, which would add seconds per shape to compiling.
+    The graph's kernels are called from C++ (cpp_wrapper) rather than from Python, which took
+    a quarter of a small model's step allocating and viewing its buffers.
+
     The template needs constant weights, so every call runs without autograd, which freezing
     requires. Dynamo reads two settings while it traces, so they cannot travel with the compile
-    options and are switched on around every call, for the compiles that later batch sizes
-    cause too: the freezing flag (to put the weights in the graph rather than among its
-    inputs), and the forward's cache.length among the dynamic sources, so that the first step
+    options: the freezing flag (to put the weights in the graph rather than among its inputs),
+    and the dynamic sources, which name the forward's cache.length so that the first step
     compiles one graph for every position instead of one for its own position, then a second,
-    symbolic one at the next step.
+    symbolic one at the next step. Both are switched on around the first step of each batch
+    size, the steps that compile; later steps leave them alone, since setting a setting makes
+    torch hash its settings again at the next call, which cost a small step a sixth of its time.
+    A later step that needs another graph all the same (a model switched to training, say)
+    fails to compile: the C++ kernels have no weights to pack.
     """
 
     CACHE_POSITION = "L['cache'].length"  # the forward's argument `cache`, as Dynamo names it
 
     def __init__(self, forward: Callable[..., Any]) -> None:
         self.forward = torch.compile(forward, options={"max_autotune": True,
-                                                       "max_autotune_gemm_backends": "CPP"})
+                                                       "max_autotune_gemm_backends": "CPP",
+                                                       "cpp_wrapper": True})
+        self.compiled_batch_sizes: set[int] = set()
 
     @torch.no_grad()
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # set and restored by hand: a config.patch context costs more than a small step's
-        # arithmetic
+    def __call__(self, idx: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, None]:
+        """The logits (B, 1, vocab) of the next tokens idx (B, 1), as model(idx, cache=cache)."""
+        if idx.stride() != (1, 1):
+            # a column of a longer tensor, such as a prompt: Dynamo would compile another
+            # graph for its strides
+            idx = idx.clone(memory_format=torch.contiguous_format)
+        if idx.size(0) in self.compiled_batch_sizes:
+            return self.forward(idx, cache=cache)
         inductor_config, compiler_config = torch._inductor.config, torch.compiler.config
         freezing, dynamic_sources = inductor_config.freezing, compiler_config.dynamic_sources
         inductor_config.freezing = True
         compiler_config.dynamic_sources = self.CACHE_POSITION
         try:
-            return self.forward(*args, **kwargs)
+            output = self.forward(idx, cache=cache)
         finally:
             inductor_config.freezing = freezing
             compiler_config.dynamic_sources = dynamic_sources
+        self.compiled_batch_sizes.add(idx.size(0))
+        return output
 
 
 class BFloat16StepLinear(nn.Module):
