@@ -148,8 +148,8 @@ class CompiledDecodeStep:
     and the dynamic sources, which name the forward's cache.length so that the first step
     compiles one graph for every position instead of one for its own position, then a second,
     symbolic one at the next step. Both are switched on around the first step of each batch
-    size, the steps that compile; later steps leave them alone, since setting a setting makes
-    torch hash its settings again at the next call, which cost a small step a sixth of its time.
+    size, the steps that compile; later steps leave them alone: setting and restoring them
+    around every step cost a small step a sixth of its time.
     A later step that needs another graph all the same (inputs of another dtype, say) fails
     to compile: the C++ kernels have no weights to pack. Nor is the model's own state checked
     before a step (switched to training, the steps still decode).
