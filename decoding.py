@@ -151,8 +151,7 @@ class CompiledDecodeStep:
     size, the steps that compile; later steps leave them alone: setting and restoring them
     around every step cost a small step a sixth of its time.
     A later step that needs another graph all the same (inputs of another dtype, say) fails
-    to compile: the C++ kernels have no weights to pack. Nor is the model's own state checked
-    before a step (switched to training, the steps still decode).
+    to compile: the C++ kernels have no weights to pack.
     """
 
     CACHE_POSITION = "L['cache'].length"  # the forward's argument `cache`, as Dynamo names it
@@ -162,10 +161,10 @@ class CompiledDecodeStep:
             "max_autotune": True,
             "max_autotune_gemm_backends": "CPP",
             "cpp_wrapper": True,
-            # the modules' weights are constants of the graph, and nothing else of theirs
-            # changes in a copy made for decoding: checking that before every step cost a
-            # small step a tenth of its time
-            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+            # inductor's graph cache gave a bfloat16 step the packed weights of an earlier
+            # model of the same shape (torch 2.13), on disk too, and saved float32 nothing:
+            # each step's graph is lowered anew, its C++ still built once and kept on disk
+            "fx_graph_cache": False,
         })
         self.compiled_batch_sizes: set[int] = set()
 

@@ -239,10 +239,12 @@ def test_smaller_decode_weights_stay_close_to_float32(tiny_config, weights, tole
     assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
 
 
-def test_compiled_bfloat16_decoding_stays_close_to_float32(tiny_config):
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compiled_bfloat16_decoding_stays_close_to_float32(tiny_config, seed):
     """Compiled with bfloat16 weights, the decode steps move the logits by a small fraction
-    of their spread, as bfloat16 weights do eager; the prefill keeps float32's."""
-    model = randomised(LanguageModel(tiny_config)).eval()
+    of their spread, as bfloat16 weights do eager; the prefill keeps float32's. Two models of
+    one shape, compiled one after the other, each decode with their own weights."""
+    model = randomised(LanguageModel(tiny_config), seed).eval()
     compiled = compiled_for_decoding(model, "bfloat16")
     idx = torch.randint(tiny_config.vocab_size, (1, tiny_config.block_size),
                         generator=torch.Generator().manual_seed(0))
