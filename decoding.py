@@ -227,7 +227,7 @@ def compiled_for_decoding(model: LanguageModel, weights: DecodeWeights = "float3
     the one query's attention written as sums (streamed_attention); with bfloat16 weights the
     steps read bfloat16 copies of the matrices (BFloat16StepLinear). Prefills stay eager, with
     the float32 weights. The first step of a batch size compiles its graph, which every later
-    step of that batch size reuses, whatever its position. Compiling takes 15-35 s on a
+    step of that batch size reuses, whatever its position. Compiling takes 15-20 s on a
     2-core CPU, so it pays for long generations (BENCHMARKS.md). The step packs its own
     copies of the matrices when it compiles: change the weights, and compile a new copy."""
     if weights == "float32":

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
              "layer's input to int8 (FBGEMM): the fastest for larger models (BENCHMARKS.md)")
     add("--compile", action="store_true",
         help="CPU: torch.compile the decode step with the weights frozen in; compiling takes "
-             "15-35 s, then decoding runs 4-5x faster: for long generations. With "
+             "15-20 s, then decoding runs 4-5x faster: for long generations. With "
              "--dtype bfloat16 the steps read bfloat16 weights")
     add("--no-kv-cache", action="store_true",
         help="recompute the whole context every step (the slow reference path)")
