@@ -143,15 +143,15 @@ class CompiledDecodeStep:
     a quarter of a small model's step allocating and viewing its buffers.
 
     The template needs constant weights, so every call runs without autograd, which freezing
-    requires. Dynamo reads two settings while it traces, so they cannot travel with the compile
-    options: the freezing flag (to put the weights in the graph rather than among its inputs),
-    and the dynamic sources, which name the forward's cache.length so that the first step
+    requires. Dynamo reads three settings while it traces, so they cannot travel with the
+    compile options: the freezing flag (to put the weights in the graph rather than among its
+    inputs); the dynamic sources, which name the forward's cache.length so that the first step
     compiles one graph for every position instead of one for its own position, then a second,
-    symbolic one at the next step. Both are switched on around the first step of each batch
-    size, the steps that compile, with Dynamo's automatic dynamic shapes off: a second batch
-    size then compiles a graph of its own size, not one for any batch, which took a third
-    longer to compile. Later steps leave the settings alone: setting and restoring them around
-    every step cost a small step a sixth of its time.
+    symbolic one at the next step; and automatic dynamic shapes, off so that a second batch
+    size compiles a graph of its own size rather than one for any batch, which took a third
+    longer to compile. They are set around the first step of each batch size, the steps that
+    compile; later steps leave them alone: setting and restoring them around every step cost
+    a small step a sixth of its time.
     A later step that needs another graph all the same (inputs of another dtype, say) fails
     to compile: the C++ kernels have no weights to pack. Only the weights' identity is
     checked before a step (weight_identity_checks_only): switched to training, say, the copy's

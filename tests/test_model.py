@@ -184,6 +184,23 @@ def test_compiled_decoding_generates_the_eager_tokens(tiny_config):
     assert model.compiled_step is None
 
 
+def test_a_second_batch_size_compiles_its_own_graph_and_decodes_the_eager_tokens(tiny_config):
+    """One compiled copy decodes one sample, then a batch of three, each greedy output equal
+    to the eager model's past block_size; the batch's graph is one of its own size, so a
+    third batch size compiles again rather than reusing it."""
+    model = randomised(LanguageModel(tiny_config)).eval()
+    compiled = compiled_for_decoding(model)
+    prompt = torch.randint(tiny_config.vocab_size, (3, 2),
+                           generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()  # no graph of an earlier test's model
+    for batch in (prompt[:1], prompt):
+        assert torch.equal(compiled.generate(batch, 2 * tiny_config.block_size, temperature=0),
+                           model.generate(batch, 2 * tiny_config.block_size, temperature=0))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        with pytest.raises(torch._dynamo.exc.RecompileError):
+            compiled.generate(prompt[:2], 2, temperature=0)  # its first step compiles
+
+
 def test_compiled_decoding_packs_its_matrices_at_its_first_step(tiny_config):
     """The compiled step's weights are constants of its graph, so inductor packs its own
     copies of the matrices for its matrix kernels: matrices changed after the first step are
