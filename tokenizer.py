@@ -5,7 +5,8 @@
     ids = tokenizer.encode_array(chunk)      # numpy, vectorised: for whole corpora
 
 Token ids follow the characters' code points, so the vocabulary of a text is the same whether
-it is found in one piece (from_text) or chunk by chunk (CharacterSet).
+it is found in one piece (from_text) or chunk by chunk (CharacterSet). This file imports
+nothing of the project, so it can be copied into another one alone.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.errors import UserError
 
-
-class UnknownCharactersError(UserError):
+class UnknownCharactersError(ValueError):
     """Text holds characters the vocabulary has never seen."""
+
+
+class TokenizerFileError(ValueError):
+    """A tokenizer file cannot be read or holds no valid vocabulary."""
 
 
 def code_points(text: str) -> np.ndarray:
@@ -118,4 +121,4 @@ class CharTokenizer:
             payload = json.loads(Path(path).read_text(encoding="utf-8"))
             return cls(payload["chars"])
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise UserError(f"cannot read tokenizer {path}: {error}") from None
+            raise TokenizerFileError(f"cannot read tokenizer {path}: {error}") from None

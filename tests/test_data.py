@@ -215,7 +215,7 @@ import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
 import data
-import utils.token_store as store
+import token_store as store
 from data import load_corpus
 from tokenizer import CharTokenizer
 

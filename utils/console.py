@@ -1,5 +1,6 @@
-"""Human-facing output on stderr that stays readable around an active tqdm progress bar, and
-run_main, which turns a script's user-facing errors into one line and an exit code.
+"""Human-facing output on stderr that stays readable around an active tqdm progress bar, the
+progress bar itself, and run_main, which turns a script's user-facing errors into one line and
+an exit code.
 
 Under torchrun only rank 0 speaks, so a message appears once, not once per process; errors
 are shown by the first process of each node (local rank 0), as every process there meets the
@@ -8,16 +9,17 @@ same ones.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 from tqdm import tqdm
 
 from utils.distributed import current_launch
-from utils.errors import TrainingFailure, UserError
+from utils.errors import USER_ERRORS, TrainingFailure
 
 USER_ERROR_EXIT_CODE = 2
 TRAINING_FAILURE_EXIT_CODE = 1
@@ -27,6 +29,7 @@ TRAINING_FAILURE_EXIT_CODE = 1
 # same one, torchrun ends this process within the wait and the error appears once; if it is
 # still alive afterwards, the error was its own and is shown with its rank.
 PEER_ERROR_GRACE_S = 5.0
+PROGRESS_DELAY_S = 1.0  # work that ends sooner shows no progress bar
 
 
 def info(message: str) -> None:
@@ -44,12 +47,22 @@ def _write(line: str) -> None:
     tqdm.write(line, file=sys.stderr)
 
 
+@contextlib.contextmanager
+def byte_progress(total_bytes: int, title: str) -> Iterator[Callable[[int], None]]:
+    """A progress bar over total_bytes, drawn once the work outlasts PROGRESS_DELAY_S and
+    gone when it ends; yields the function that advances it (the token store's progress)."""
+    with tqdm(total=total_bytes, desc=title, unit="B", unit_scale=True, delay=PROGRESS_DELAY_S,
+              leave=False) as bar:
+        yield bar.update
+
+
 def run_main(body: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
-    """Run a script's body; a UserError becomes one line on stderr and exit code 2, a
-    TrainingFailure one line and exit code 1. Anything else is a bug and keeps its traceback."""
+    """Run a script's body; a user's error (USER_ERRORS) becomes one line on stderr and exit
+    code 2, a TrainingFailure one line and exit code 1. Anything else is a bug and keeps its
+    traceback."""
     try:
         return body(argv)
-    except UserError as failure:
+    except USER_ERRORS as failure:
         _report_failure(str(failure))
         return USER_ERROR_EXIT_CODE
     except TrainingFailure as failure:

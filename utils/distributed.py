@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from utils.errors import TrainingFailure, UserError
+from utils.errors import USER_ERRORS, TrainingFailure, UserError
 
 T = TypeVar("T")
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
@@ -223,14 +223,14 @@ def gather_to_main(value: T) -> list[T] | None:
 def on_main(action: Callable[[], T]) -> T:
     """Run action on rank 0 only and hand its result to every rank.
 
-    If it fails with a UserError or TrainingFailure (a full disk, say), every rank raises the
-    same error, so no rank is left waiting for a peer that has quit."""
+    If it fails with a user's error (USER_ERRORS) or a TrainingFailure (a full disk, say),
+    every rank raises the same error, so no rank is left waiting for a peer that has quit."""
     result: T | None = None
     failure: Exception | None = None
     if is_main_process():
         try:
             result = action()
-        except (UserError, TrainingFailure) as error:
+        except (*USER_ERRORS, TrainingFailure) as error:
             if not is_active():
                 raise
             failure = error

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from data import Splits, load_corpus
+from data import Corpus, Splits, load_corpus
 from tokenizer import CharTokenizer
-from utils import distributed
+from utils import console, distributed
 from utils.config import Config, ConfigLoader
 from utils.device import autocast, configure_backends, resolve_device, resolve_dtype
 
@@ -60,11 +60,17 @@ def build_setup(config: Config, tokenizer: CharTokenizer | None = None) -> Setup
     device = distributed.device_for_rank(resolve_device(cfg.device), launch)
     configure_backends(device)
     dtype = resolve_dtype(cfg.dtype, device)
-    corpus = load_corpus(cfg.data_path, cfg.text_field, cfg.train_split, cfg.token_cache,
-                         config.model.block_size, tokenizer)
+    corpus = open_corpus(config, tokenizer)
     model_config = dataclasses.replace(config.model, vocab_size=corpus.tokenizer.vocab_size)
     return Setup(dataclasses.replace(config, model=model_config), corpus.tokenizer,
                  corpus.splits, device, dtype)
+
+
+def open_corpus(config: Config, tokenizer: CharTokenizer | None = None) -> Corpus:
+    """The corpus the config names, through its token store; a build shows a progress bar."""
+    cfg = config.train
+    return load_corpus(cfg.data_path, cfg.text_field, cfg.train_split, cfg.token_cache,
+                       config.model.block_size, tokenizer, console.byte_progress)
 
 
 def setup_from_flags(flags: Sequence[str]) -> Setup:

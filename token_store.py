@@ -14,6 +14,9 @@ renamed into place, so a build killed halfway leaves nothing a later run would r
 whose size, mtime, inode or ctime changed makes the store stale, and it is rebuilt. Builders
 of one store take turns on a lock file (torchrun's processes, or two runs at once): one
 builds, the others wait and reuse it.
+
+A build shows its progress through the `progress` argument the caller passes (utils/console.py
+draws a bar); by default it shows nothing, so this module needs no display library.
 """
 
 from __future__ import annotations
@@ -32,19 +35,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from tokenizer import CharacterSet, CharTokenizer, UnknownCharactersError, token_dtype
-from utils.errors import DataError
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
 SPLIT_FILES = {"train": "train.bin", "val": "val.bin"}
 MAX_VOCABULARY = 1 << 16  # ids are stored as uint16
-PROGRESS_DELAY_S = 1.0  # a build that ends sooner shows no progress bar
 
+# read_chunks(on_read) streams the corpus text, calling on_read with each count of bytes read
 ReadChunks = Callable[[Callable[[int], None]], Iterator[str]]
+# progress(total_bytes, title): a context that takes counts of bytes as a build reads them
+Progress = Callable[[int, str], contextlib.AbstractContextManager[Callable[[int], None]]]
+
+
+class DataError(ValueError):
+    """The corpus cannot be used for training."""
+
+
+@contextlib.contextmanager
+def no_progress(total_bytes: int, title: str) -> Iterator[Callable[[int], None]]:
+    """A build that shows nothing."""
+    yield lambda _: None
 
 
 @dataclass(frozen=True)
@@ -97,9 +110,10 @@ class TokenStore:
     reused: bool  # False: built by this call
 
 
-def open_token_store(spec: StoreSpec, cache_dir: Path, read_chunks: ReadChunks) -> TokenStore:
+def open_token_store(spec: StoreSpec, cache_dir: Path, read_chunks: ReadChunks,
+                     progress: Progress = no_progress) -> TokenStore:
     """The store for spec: reused when it matches the sources, built (atomically) when it is
-    missing or stale. read_chunks(on_read) streams the corpus text."""
+    missing or stale, showing its reading through progress."""
     folder = cache_dir / spec.folder_name()
     fingerprint = spec.fingerprint()
     store = _open_if_current(folder, spec, fingerprint)
@@ -114,7 +128,7 @@ def open_token_store(spec: StoreSpec, cache_dir: Path, read_chunks: ReadChunks) 
         store = _open_if_current(folder, spec, fingerprint)  # built while this process waited
         if store is not None:
             return store
-        _build(folder, spec, fingerprint, read_chunks)
+        _build(folder, spec, fingerprint, read_chunks, progress)
     store = _open_if_current(folder, spec, fingerprint, reused=False)
     assert store is not None, f"{folder} was just built"
     return store
@@ -157,7 +171,7 @@ def _map(path: Path, dtype: np.dtype, count: int) -> np.ndarray | None:
 
 
 def _build(folder: Path, spec: StoreSpec, fingerprint: list[dict[str, Any]],
-           read_chunks: ReadChunks) -> None:
+           read_chunks: ReadChunks, progress: Progress) -> None:
     """Tokenise into a temporary folder, then swap it in for folder; the caller holds the
     lock, so leftovers of a killed build can go."""
     for leftover in folder.parent.glob(f"{folder.name}.*-*"):
@@ -167,14 +181,14 @@ def _build(folder: Path, spec: StoreSpec, fingerprint: list[dict[str, Any]],
     started = time.perf_counter()
     try:
         total_bytes = sum(entry["size"] for entry in fingerprint)
-        with tqdm(total=2 * total_bytes, desc=f"tokenising {spec.data_path}", unit="B",
-                  unit_scale=True, delay=PROGRESS_DELAY_S, leave=False) as progress:
+        # the sources are read twice: once for the vocabulary, once for the ids
+        with progress(2 * total_bytes, f"tokenising {spec.data_path}") as on_read:
             characters = CharacterSet()
-            for chunk in read_chunks(progress.update):
+            for chunk in read_chunks(on_read):
                 characters.add(chunk)
             tokenizer = _vocabulary(spec, characters)
             cut = int(characters.count * spec.train_split)
-            _write_ids(building, tokenizer, read_chunks(progress.update), cut)
+            _write_ids(building, tokenizer, read_chunks(on_read), cut)
         (building / TOKENIZER_FILE).write_text(tokenizer.to_json() + "\n", encoding="utf-8")
         meta = {"format": FORMAT_VERSION, "data_path": spec.data_path, "sources": fingerprint,
                 "text_field": spec.text_field, "train_split": spec.train_split,
