@@ -28,7 +28,7 @@ import torch
 from token_store import DataError, Progress, StoreSpec, TokenStore, no_progress, open_token_store
 from tokenizer import CharTokenizer
 from utils import console
-from utils.config import ConfigLoader
+from utils.config_loader import ConfigLoader
 
 # between documents: the files of a folder or glob, the records of a JSONL file
 DOCUMENT_SEPARATOR = "\n\n"

@@ -25,7 +25,7 @@ import torch
 from model import RMS_NORM_EPS, ROPE_BASE, LanguageModel, ModelConfig
 from tokenizer import CharTokenizer
 from utils import console
-from utils.config import ArgumentParser
+from utils.config_loader import ArgumentParser
 from utils.errors import UserError
 from utils.runs import load_run_model
 

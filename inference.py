@@ -20,7 +20,8 @@ from decoding import DecodeWeights, compiled_for_decoding, prepared_for_decoding
 from model import ConfigFieldError, KVCache, LanguageModel, SamplingConfig
 from tokenizer import CharTokenizer, UnknownCharactersError
 from utils import console
-from utils.config import DTYPES, ArgumentParser
+from utils.config import DTYPES
+from utils.config_loader import ArgumentParser
 from utils.device import autocast, resolve_device, resolve_dtype
 from utils.errors import UserError
 from utils.runs import load_run_model

@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 import train
 from utils import console
 from utils.checkpoint import CheckpointError
-from utils.config import ConfigLoader
+from utils.config_loader import ConfigLoader
 from utils.device import measure_matmul_flops, synchronize
 from utils.errors import UserError
 from utils.runs import command_line, create_run, write_metadata

@@ -38,7 +38,8 @@ from utils.checkpoint import (
     save_checkpoint,
     save_export,
 )
-from utils.config import ConfigLoader, TrainConfig
+from utils.config import TrainConfig
+from utils.config_loader import ConfigLoader
 from utils.device import measure_matmul_flops
 from utils.errors import TrainingFailure, UserError
 from utils.interrupts import GracefulStop

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
 from data import BatchSampler  # noqa: E402
 from utils import console, distributed  # noqa: E402
-from utils.config import ConfigLoader  # noqa: E402
+from utils.config_loader import ConfigLoader  # noqa: E402
 from utils.errors import TrainingFailure  # noqa: E402
 from utils.setup import build_setup  # noqa: E402
 

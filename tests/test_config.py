@@ -9,7 +9,8 @@ import pytest
 
 from model import ModelConfig
 from tests.conftest import PROJECT_ROOT, run_script
-from utils.config import ConfigError, ConfigLoader, TrainConfig
+from utils.config import TrainConfig
+from utils.config_loader import ConfigError, ConfigLoader
 
 
 def make_loader(tmp_path: Path, env: dict[str, str] | None = None,

@@ -1,60 +1,37 @@
-"""Training config and the loader that merges every config layer into typed, validated dataclasses.
+"""The config schema: how to train (TrainConfig), with the model's shape (ModelConfig, in
+model.py), as frozen dataclasses that validate themselves, and the sets of fields that resuming
+and fine-tuning may change.
 
-Layers, lowest to highest precedence:
-    dataclass defaults (ModelConfig in model.py, TrainConfig here) -> ./config.json (legacy)
-    -> --config FILE (e.g. configs/presets/gpu.yaml) -> CHARGPT_<FIELD> environment variables
-    -> command-line flags
-The dataclass defaults are the one statement of the default run. Files are flat mappings of
-field names to values (YAML or JSON), model and training keys alike.
+    config = Config(model=ModelConfig(vocab_size=65), train=TrainConfig(max_iters=200))
+
+The dataclass defaults are the one statement of the default run; utils/config_loader.py fills
+these classes from files, env vars and flags, and utils/config_values.py turns raw values into
+the field types.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
-import json
-import os
 import re
 import typing
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from model import CLASSIC_ARCHITECTURE, ConfigFieldError, ModelConfig, check_choices
-from utils.errors import UserError
+from utils.config_values import parse_duration
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-ENV_PREFIX = "CHARGPT_"
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = typing.get_args(DType)
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-DURATION_PATTERN = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(s|m|h)?", re.IGNORECASE)
-SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600}
 # two ways to say how long to train: the one set at the higher config layer wins
 LENGTH_FIELDS = ("max_iters", "time_budget")
 RUN_TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-class ConfigError(UserError):
-    """A config value, key or file is invalid."""
-
-
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
-
-
-def parse_duration(raw: Any) -> float:
-    """Seconds from a number of seconds or text such as 300, 300s, 5m or 1.5h."""
-    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        return float(raw)
-    match = DURATION_PATTERN.fullmatch(raw.strip()) if isinstance(raw, str) else None
-    if match is None:
-        raise ValueError(f"not a duration: {raw!r}")
-    return float(match.group(1)) * SECONDS_PER_UNIT[(match.group(2) or "s").lower()]
 
 
 @dataclass(frozen=True)
@@ -319,309 +296,9 @@ SETTINGS_BEFORE_OPTIONS: dict[str, Any] = {
 # only changes training, not the weights' meaning.
 FINE_TUNABLE_MODEL_FIELDS = frozenset({"dropout"})
 
-# Keys a user may set. vocab_size is not among them: it always comes from the tokenizer.
-_SECTIONS: dict[str, type] = {
+# Keys a user may set, each with the dataclass that holds it. vocab_size is not among them: it
+# always comes from the tokenizer.
+USER_FIELDS: dict[str, type] = {
     **{f.name: ModelConfig for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"},
     **{f.name: TrainConfig for f in dataclasses.fields(TrainConfig)},
 }
-
-
-@dataclass(frozen=True)
-class _Layer:
-    """Values from one source; `from_text` marks env vars and flags, which arrive as strings."""
-
-    source: str
-    values: Mapping[str, Any]
-    from_text: bool
-    saved_run: bool = False  # a run's saved config: its max_iters was resolved from its budget
-
-
-class ConfigLoader:
-    """Merges the config layers; build a parser, add script-specific flags, then load(args)."""
-
-    def __init__(
-        self, cwd: Path | None = None, environ: Mapping[str, str] | None = None
-    ) -> None:
-        self.cwd = Path.cwd() if cwd is None else Path(cwd)
-        self.environ = os.environ if environ is None else environ
-
-    def build_parser(self, description: str | None = None) -> argparse.ArgumentParser:
-        """A parser with --config and one flag per config field; its help shows the defaults
-        (./config.json's where it sets them)."""
-        defaults = self._merge(self._base_layers())
-        parser = ArgumentParser(
-            description=description,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-            allow_abbrev=False,
-        )
-        parser.add_argument("--config", metavar="FILE", type=Path,
-                            help="YAML or JSON file of config values over the defaults, e.g. "
-                                 "configs/presets/gpu.yaml")
-        for section, title in ((ModelConfig, "model"), (TrainConfig, "training")):
-            group = parser.add_argument_group(f"{title} config (also CHARGPT_<FIELD> env vars)")
-            for spec in dataclasses.fields(section):
-                if spec.name not in _SECTIONS:
-                    continue
-                value = defaults[spec.name][0]
-                help_text = f"{spec.metadata['help']} (default: {_format(value)})"
-                flags = ["--" + spec.name.replace("_", "-"), *spec.metadata.get("aliases", ())]
-                if _field_type(spec.name) is bool:
-                    group.add_argument(*flags, dest=spec.name, default=argparse.SUPPRESS,
-                                       action=argparse.BooleanOptionalAction, help=help_text)
-                else:
-                    group.add_argument(*flags, dest=spec.name, default=argparse.SUPPRESS,
-                                       metavar=_metavar(spec.name), help=help_text)
-        return parser
-
-    def load(self, args: argparse.Namespace) -> Config:
-        merged = self._merge(self._base_layers() + self._user_layers(args))
-        return Config(model=_build(ModelConfig, merged), train=_build(TrainConfig, merged))
-
-    def load_for_resume(self, saved: Mapping[str, Mapping[str, Any]], args: argparse.Namespace,
-                        only_resumable_changes: bool = True) -> Config:
-        """The saved config of a run, with --config, env vars and flags applied over it; when
-        resuming training only RESUMABLE_FIELDS may change."""
-        saved_values = {**SETTINGS_BEFORE_OPTIONS}
-        saved_values.update({k: v for section in saved.values() for k, v in section.items()
-                             if k in _SECTIONS})
-        saved_layer = _Layer("the run's saved config", saved_values, from_text=False,
-                             saved_run=True)
-        user_layers = self._user_layers(args)
-        for layer in user_layers:
-            if layer.values.get("time_budget") is not None:
-                where = _describe_source(layer, "time_budget")
-                raise ConfigError(
-                    f"cannot set time_budget when resuming ({where}): the run's budget became "
-                    f"max_iters={saved_values.get('max_iters')} when it started; pass "
-                    "--max-iters to train longer"
-                )
-        merged = self._merge([saved_layer, *user_layers])
-        for key, (value, source) in merged.items():
-            changed = value != saved_values.get(key, value)
-            if only_resumable_changes and changed and key not in RESUMABLE_FIELDS:
-                raise ConfigError(
-                    f"cannot change {key} when resuming (saved {_format(saved_values[key])}, "
-                    f"{_format(value)} from {source}): resuming continues the same model, data "
-                    f"and optimizer; start a new run instead. Resumable settings: "
-                    f"{', '.join(sorted(RESUMABLE_FIELDS))}"
-                )
-        return Config(model=_build(ModelConfig, merged), train=_build(TrainConfig, merged))
-
-    def load_for_fine_tune(self, parent: ModelConfig, args: argparse.Namespace) -> Config:
-        """Defaults and these flags, with the model shape of the run being fine-tuned: a flag
-        or file that contradicts it (anything but dropout) is refused, naming the field."""
-        kept = {f.name: getattr(parent, f.name) for f in dataclasses.fields(ModelConfig)
-                if f.name in _SECTIONS and f.name not in FINE_TUNABLE_MODEL_FIELDS}
-        parent_layer = _Layer("the fine-tuned run's model", kept, from_text=False)
-        user_layers = self._user_layers(args)
-        merged = self._merge([*self._base_layers(), parent_layer, *user_layers])
-        for key, value in kept.items():
-            if merged[key][0] != value:
-                raise ConfigError(
-                    f"cannot set {key}={_format(merged[key][0])} ({merged[key][1]}) when "
-                    f"fine-tuning: the run being fine-tuned has {key}={_format(value)}, and "
-                    "fine-tuning keeps its model shape; leave it out"
-                )
-        return Config(model=_build(ModelConfig, merged), train=_build(TrainConfig, merged))
-
-    def _user_layers(self, args: argparse.Namespace) -> list[_Layer]:
-        """--config FILE, then CHARGPT_* environment variables, then flags: the layers a user
-        sets for one invocation."""
-        layers = []
-        if args.config is not None:
-            layers.append(self._file_layer(args.config, f"--config {args.config}"))
-        layers.append(self._env_layer())
-        flags = {k: v for k, v in vars(args).items() if k in _SECTIONS}
-        layers.append(_Layer("command-line flags", flags, from_text=True))
-        return layers
-
-    def _base_layers(self) -> list[_Layer]:
-        layers = [_Layer("defaults", {}, from_text=False)]
-        legacy = self.cwd / "config.json"
-        if legacy.is_file():
-            layers.append(self._file_layer(legacy, "./config.json"))
-        return layers
-
-    def _file_layer(self, path: Path, source: str) -> _Layer:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-            values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as error:
-            detail = " ".join(str(error).split())
-            raise ConfigError(f"cannot parse config file {path}: {detail}") from None
-        if values is None:
-            values = {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of field names to values")
-        return _Layer(source, values, from_text=False)
-
-    def _env_layer(self) -> _Layer:
-        values = {}
-        for name, value in self.environ.items():
-            if name.startswith(ENV_PREFIX):
-                values[name[len(ENV_PREFIX):].lower()] = value
-        return _Layer("environment", values, from_text=True)
-
-    def _merge(self, layers: Sequence[_Layer]) -> dict[str, tuple[Any, str]]:
-        """Field name -> (typed value, where it came from), highest layer winning."""
-        merged: dict[str, tuple[Any, str]] = {
-            f.name: (f.default, "default")
-            for section in (ModelConfig, TrainConfig)
-            for f in dataclasses.fields(section) if f.name in _SECTIONS
-        }
-        for layer in layers:
-            for key, raw in layer.values.items():
-                source = _describe_source(layer, key)
-                if key not in _SECTIONS:
-                    raise ConfigError(f"unknown config key '{key}' in {source}{_suggest(key)}")
-                merged[key] = (_coerce(key, raw, layer.from_text, source), source)
-        _settle_length(layers, merged)
-        return merged
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports bad flags as one ConfigError line instead of usage text."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        match = re.search(r"unrecognized arguments: (\S+)", message)
-        if match:
-            flag = match.group(1).split("=")[0]
-            options = [o for a in self._actions for o in a.option_strings]
-            close = difflib.get_close_matches(flag, options, n=1)
-            hint = f"; did you mean {close[0]}?" if close else "; see --help"
-            raise ConfigError(f"unknown flag {flag}{hint}")
-        raise ConfigError(f"{message}; see --help")
-
-
-def _settle_length(layers: Sequence[_Layer], merged: dict[str, tuple[Any, str]]) -> None:
-    """max_iters and time_budget are two ways to say how long to train: the highest layer that
-    sets either decides, so --max-iters 200 over a budget trains exactly 200 steps."""
-    for layer in reversed(layers):
-        sets = [key for key in LENGTH_FIELDS if key in layer.values]
-        if sets == ["max_iters"]:
-            merged["time_budget"] = (None, _describe_source(layer, "max_iters"))
-        both_active = len(sets) == 2 and merged["time_budget"][0] is not None
-        if both_active and not layer.saved_run:
-            sources = " and ".join(_describe_source(layer, key) for key in LENGTH_FIELDS)
-            raise ConfigError(
-                f"{sources} both say how long to train (max_iters, time_budget); set one of "
-                "them, or time_budget: none to train max_iters steps"
-            )
-        if sets:
-            return
-
-
-def _describe_source(layer: _Layer, key: str) -> str:
-    if layer.source == "environment":
-        return f"env {ENV_PREFIX}{key.upper()}"
-    if layer.source == "command-line flags":
-        return "--" + key.replace("_", "-")
-    return layer.source
-
-
-def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, _SECTIONS, n=1)
-    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(_SECTIONS)}"
-
-
-def _field_type(name: str) -> Any:
-    return typing.get_type_hints(_SECTIONS[name])[name]
-
-
-def _field_spec(name: str) -> dataclasses.Field:
-    return next(f for f in dataclasses.fields(_SECTIONS[name]) if f.name == name)
-
-
-def _coerce(key: str, raw: Any, from_text: bool, source: str) -> Any:
-    """raw as the field's type; text from env vars and flags is parsed, file values checked."""
-    annotation = _field_type(key)
-    args = typing.get_args(annotation)
-    optional = type(None) in args  # `X | None`; a Literal's args are its choices, never None
-    base = next(a for a in args if a is not type(None)) if optional else annotation
-    if isinstance(raw, str) and optional and raw.strip().lower() in ("none", "null"):
-        return None
-    if raw is None and optional:
-        return None
-    spec = _field_spec(key)
-    try:
-        if "parse" in spec.metadata:
-            return spec.metadata["parse"](raw)
-        return _as_type(base, raw, from_text)
-    except ValueError:
-        expected = spec.metadata.get("type") or _describe_type(annotation)
-        if "type" in spec.metadata and optional:
-            expected += " or none"
-        raise ConfigError(f"{key}: expected {expected}, got {raw!r} (from {source})") from None
-
-
-def _as_type(base: Any, raw: Any, from_text: bool) -> Any:
-    if typing.get_origin(base) is Literal:
-        if raw in typing.get_args(base):
-            return raw
-        raise ValueError
-    if base is bool:
-        if isinstance(raw, bool):
-            return raw
-        words = {"true": True, "1": True, "yes": True, "on": True,
-                 "false": False, "0": False, "no": False, "off": False}
-        if from_text and isinstance(raw, str) and raw.strip().lower() in words:
-            return words[raw.strip().lower()]
-        raise ValueError
-    if base is int:
-        if isinstance(raw, int) and not isinstance(raw, bool):
-            return raw
-        if from_text and isinstance(raw, str):
-            return int(raw)
-        raise ValueError
-    if base is float:
-        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            return float(raw)
-        if from_text and isinstance(raw, str):
-            return float(raw)
-        raise ValueError
-    if base is str:
-        if isinstance(raw, str) and raw:
-            return raw
-        raise ValueError
-    raise AssertionError(f"no conversion for config type {base}")
-
-
-def _describe_type(annotation: Any) -> str:
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is Literal:
-        return "one of " + ", ".join(args)
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-    if args:  # Optional[X]
-        base = next(a for a in args if a is not type(None))
-        return f"{_describe_type(base)} or none"
-    return names[annotation]
-
-
-def _metavar(name: str) -> str:
-    if "parse" in _field_spec(name).metadata:
-        return "SECONDS"
-    annotation = _field_type(name)
-    if typing.get_origin(annotation) is Literal:
-        return "{" + ",".join(typing.get_args(annotation)) + "}"
-    base = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
-    if base is str:
-        return "PATH" if name.endswith(("_path", "_dir")) else "TEXT"
-    return {int: "N", float: "X"}[base]
-
-
-def _format(value: Any) -> str:
-    return "none" if value is None else str(value)
-
-
-def _build(section: type, merged: Mapping[str, tuple[Any, str]]) -> Any:
-    names = [f.name for f in dataclasses.fields(section) if f.name in _SECTIONS]
-    try:
-        return section(**{name: merged[name][0] for name in names})
-    except ConfigFieldError as error:
-        sources = ", ".join(
-            f"{name}={_format(merged[name][0])} from {merged[name][1]}" for name in error.fields
-        )
-        raise ConfigError(f"{error} ({sources})") from None

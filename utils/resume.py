@@ -19,7 +19,8 @@ from pathlib import Path
 
 from tokenizer import CharTokenizer
 from utils.checkpoint import CHECKPOINT_SUFFIX, checkpoint_meta, find_checkpoint
-from utils.config import Config, ConfigLoader
+from utils.config import Config
+from utils.config_loader import ConfigLoader
 from utils.errors import UserError
 from utils.runs import RunPaths, SavedModel, find_run, load_run_model
 

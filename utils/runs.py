@@ -33,7 +33,8 @@ from utils.checkpoint import (
     load_export,
     remove_partial_writes,
 )
-from utils.config import ENV_PREFIX, PROJECT_ROOT, Config
+from utils.config import PROJECT_ROOT, Config
+from utils.config_loader import ENV_PREFIX
 from utils.errors import UserError
 
 

@@ -21,7 +21,8 @@ import torch
 from data import Corpus, Splits, load_corpus
 from tokenizer import CharTokenizer
 from utils import console, distributed
-from utils.config import Config, ConfigLoader
+from utils.config import Config
+from utils.config_loader import ConfigLoader
 from utils.device import autocast, configure_backends, resolve_device, resolve_dtype
 
 
