@@ -27,8 +27,8 @@ class TokenizerFileError(ValueError):
 
 
 def code_points(text: str) -> np.ndarray:
-    """The text's Unicode code points: uint8 for ASCII text (the common case, 4x less memory),
-    uint32 otherwise."""
+    """The text's Unicode code points: uint8 for ASCII text (the common case, a quarter of
+    the memory), uint32 otherwise."""
     if text.isascii():
         return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)

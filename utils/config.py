@@ -134,8 +134,8 @@ class TrainConfig:
     )
     full_split_max_tokens: int | None = field(
         default=1_000_000, metadata=_help("a full-split pass scores at most this many val "
-                                          "tokens, from the split's start (a large corpus's "
-                                          "split would take hours on a CPU); none = all")
+                                          "tokens, from the split's start (scoring a large "
+                                          "corpus's whole split is slow on a CPU); none = all")
     )
     log_interval: int = field(default=10, metadata=_help("steps between train-loss logs"))
     sample_tokens: int = field(

@@ -66,8 +66,8 @@ def keep_freed_memory() -> bool:
     allocations, instead of returning them to the OS; True where it took effect.
 
     A training step frees and allocates the same multi-megabyte activations every step. By
-    default glibc serves blocks that large with fresh pages from the OS, so a step pays over
-    ten thousand page faults: about 15% of a CPU step at the default shape (BENCHMARKS.md).
+    default glibc serves blocks that large with fresh pages from the OS, so every step pays
+    page faults for them, a visible share of a CPU step at the default shape (BENCHMARKS.md).
     The price is that the process keeps its peak memory until it exits. Where the C library is
     not glibc (macOS, musl), nothing changes."""
     try:
@@ -85,8 +85,8 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype,
     """FLOP/s of the fastest square matmul in `dtype` on `device`: the ceiling MFU is measured
     against when no peak_flops is configured. Sizes double from 256 up to max_size (4096 on
     CUDA, whose peak needs large products; 1024 elsewhere), stopping early once one product
-    takes longer than MATMUL_TIMING_SECONDS: a CPU without native bfloat16 needs ~3 s for one
-    product at 1024, and timing twelve of them had made such a run wait 35 s at startup."""
+    takes longer than MATMUL_TIMING_SECONDS: on a CPU without native bfloat16 one product at
+    1024 is slow enough that timing every size would hold up a run's start."""
     max_size = max_size or (4096 if device.type == "cuda" else 1024)
     # a private generator: drawing from the global one would shift training's random stream
     generator = torch.Generator(device=device).manual_seed(0)
