@@ -46,7 +46,8 @@ MAX_VOCABULARY = 1 << 16  # ids are stored as uint16
 
 # read_chunks(on_read) streams the corpus text, calling on_read with each count of bytes read
 ReadChunks = Callable[[Callable[[int], None]], Iterator[str]]
-# progress(total_bytes, title): a context that takes counts of bytes as a build reads them
+# progress(total_bytes, title): a context manager yielding the function a build calls with
+# each count of bytes it reads
 Progress = Callable[[int, str], contextlib.AbstractContextManager[Callable[[int], None]]]
 
 
