@@ -1,4 +1,4 @@
-"""Show where training time goes: profile N steps of train.py's own training step.
+"""Show where training time goes: profile N steps of the training step train.py runs.
 
 Prints the share of each phase (data, forward, backward, optimizer, other), the top operators by
 self time, peak memory, FLOPs and MFU, and writes trace.json (open it in https://ui.perfetto.dev
@@ -21,7 +21,6 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-import train
 from utils import console
 from utils.checkpoint import CheckpointError
 from utils.config_loader import ConfigLoader
@@ -29,6 +28,7 @@ from utils.device import measure_matmul_flops, synchronize
 from utils.errors import UserError
 from utils.runs import command_line, create_run, write_metadata
 from utils.setup import Setup, build_setup
+from utils.training import init_state, optimizer_step
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
@@ -62,7 +62,7 @@ def load_config(loader: ConfigLoader, args: argparse.Namespace):
 def profile_steps(args: argparse.Namespace, setup: Setup, state):
     """Warm up, then profile args.steps steps; returns (profiler, wall seconds per step)."""
     for _ in range(args.warmup):
-        train.optimizer_step(state, setup)
+        optimizer_step(state, setup)
     activities = [ProfilerActivity.CPU]
     if setup.device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
@@ -71,7 +71,7 @@ def profile_steps(args: argparse.Namespace, setup: Setup, state):
     with profile(activities=activities, profile_memory=True, record_shapes=False) as profiler:
         start = time.perf_counter()
         for _ in range(args.steps):
-            train.optimizer_step(state, setup)
+            optimizer_step(state, setup)
         synchronize(setup.device)
         step_s = (time.perf_counter() - start) / args.steps
     return profiler, step_s
@@ -142,7 +142,7 @@ def profile_model(argv: Sequence[str]) -> int:
         raise UserError("--steps must be at least 1 and --warmup at least 0")
     setup = build_setup(load_config(loader, args))
     out = output_folder(args, setup, argv)
-    state = train.init_state(setup)
+    state = init_state(setup)
     profiler, step_s = profile_steps(args, setup, state)
     phases, _ = phase_table(profiler, args.steps, step_s)
     device = setup.device

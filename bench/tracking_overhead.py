@@ -1,7 +1,9 @@
 """Training tokens/s with no tracker, TensorBoard, and TensorBoard + Aim, side by side.
 
-Runs train.py's own loop on the default config, with histograms every 50 steps (5x the
-default rate, so the cost is an upper bound). Prints one table; BENCHMARKS.md keeps it.
+Runs train.py's training step with every call its loop makes to the tracker (utils/training.py:
+the logged metrics, the histograms and the evaluation, where they fall due) on the default
+config, with histograms every 50 steps (5x the default rate, so the cost is an upper bound).
+Prints one table; BENCHMARKS.md keeps it.
 Usage: python bench/tracking_overhead.py [--steps 100] [--repeats 2]
 """
 
@@ -15,15 +17,22 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import train  # noqa: E402
-from utils.budget import LoopClock  # noqa: E402
-from utils.interrupts import GracefulStop  # noqa: E402
+from utils.checkpoint import TrainingState  # noqa: E402
 from utils.runs import create_run  # noqa: E402
-from utils.setup import setup_from_flags  # noqa: E402
+from utils.setup import Setup, setup_from_flags  # noqa: E402
 from utils.tracking import AimBackend, TensorBoardBackend, Tracker  # noqa: E402
+from utils.training import (  # noqa: E402
+    Due,
+    SpeedMeter,
+    evaluate,
+    init_state,
+    log_progress,
+    optimizer_step,
+)
 
 MODES = ("none", "tensorboard", "tensorboard+aim")
 
@@ -33,7 +42,7 @@ def tokens_per_second(mode: str, steps: int, workdir: Path) -> float:
         "--max-iters", str(steps), "--eval-interval", str(steps), "--eval-iters", "10",
         "--sample-tokens", "100", "--histogram-interval", "50", "--checkpoint-interval", "none",
         "--keep-checkpoints", "0"])
-    state = train.init_state(setup)
+    state = init_state(setup)
     run = create_run(workdir / "runs", mode.replace("+", "_"))
     backends = []
     if mode != "none":
@@ -44,11 +53,29 @@ def tokens_per_second(mode: str, steps: int, workdir: Path) -> float:
     for backend in backends:
         backend.start(setup.config, {"command": "bench"})
     start = time.perf_counter()
-    with GracefulStop() as stop:
-        train.training_loop(state, setup, run, tracker, stop, None, LoopClock(state.step))
+    train_steps(state, setup, tracker)
     tracker.close()
     elapsed = time.perf_counter() - start
     return steps * setup.tokens_per_step() / elapsed
+
+
+def train_steps(state: TrainingState, setup: Setup, tracker: Tracker) -> None:
+    """max_iters steps of train.py's loop as the tracker sees it."""
+    cfg = setup.config.train
+    speed = SpeedMeter(setup, state.model)
+    with tqdm(disable=True) as progress:
+        while state.step < cfg.max_iters:
+            result = optimizer_step(state, setup)
+            state.scheduler.step()
+            state.step += 1
+            speed.steps += 1
+            due = Due.at(state.step, cfg)
+            if due.histograms:
+                tracker.log_histograms(state.model, state.step)
+            if due.log:
+                log_progress(state, result, speed, tracker, progress)
+            if due.evaluation:
+                evaluate(state, setup, tracker)
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """Training throughput of each speed mode against a naive baseline, on the current device.
 
 First the matmul ceilings through each path torch offers here and the attention kernels SDPA
-can use for each shape (forward + backward), then tokens/s, MFU and peak
-memory of train.py's own training step for the default config and the GPU preset's shape, in
+can use for each shape (forward + backward), then tokens/s, MFU and peak memory of the training
+step train.py runs (utils/training.py) for the default config and the GPU preset's shape, in
 each mode: eager or torch.compile, float32 or bf16 autocast, fused or plain AdamW. The naive
 baseline (eager, float32, plain AdamW, default threads) is what a straightforward nanoGPT-style
 loop does. Each mode: warm-up steps, then the median of several timed windows.
@@ -29,9 +29,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import train  # noqa: E402
 from utils.device import synchronize  # noqa: E402
 from utils.setup import Setup, setup_from_flags  # noqa: E402
+from utils.training import init_state, optimizer_step  # noqa: E402
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "presets" / "gpu.yaml"
 SHAPES = {  # (train.py flags, steps per timed window on CPU)
@@ -141,7 +141,7 @@ def _attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def throughput(shape: str, mode: Mode, device: torch.device, windows: int) -> dict[str, float]:
     steps = SHAPES[shape][1] * (10 if device.type == "cuda" else 1)
     setup = shape_setup(shape, device, mode)
-    state = train.init_state(setup)
+    state = init_state(setup)
     if not mode.fused:
         state.optimizer = torch.optim.AdamW(state.model.parameters(), lr=1e-3, fused=False)
     if device.type == "cuda":
@@ -151,7 +151,7 @@ def throughput(shape: str, mode: Mode, device: torch.device, windows: int) -> di
         synchronize(device)
         start = time.perf_counter()
         for _ in range(n):
-            train.optimizer_step(state, setup)
+            optimizer_step(state, setup)
         synchronize(device)
         return time.perf_counter() - start
 

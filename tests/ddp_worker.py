@@ -1,4 +1,4 @@
-"""A few steps of train.py's own setup and optimizer_step with batches the test controls, run by
+"""A few steps of train.py's setup and training step with batches the test controls, run by
 tests/test_distributed.py under torchrun (and, for the reference, in a single process).
 
     torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py MODE CORPUS OUT_DIR
@@ -28,12 +28,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import train  # noqa: E402
 from data import BatchSampler  # noqa: E402
 from utils import console, distributed  # noqa: E402
-from utils.config_loader import ConfigLoader  # noqa: E402
 from utils.errors import TrainingFailure  # noqa: E402
-from utils.setup import build_setup  # noqa: E402
+from utils.setup import setup_from_flags  # noqa: E402
+from utils.training import init_state, optimizer_step  # noqa: E402
 
 GLOBAL_BATCH = 8
 STEPS = 6
@@ -73,8 +72,7 @@ def run(mode: str, corpus: Path, group: distributed.Group) -> tuple[torch.nn.Mod
     """Train STEPS steps as this process's rank; returns the plain model, the is_finite flags
     and the number of gradient all-reduces."""
     world_size = distributed.world_size()
-    loader = ConfigLoader()
-    args = train.build_parser(loader).parse_args([
+    setup = setup_from_flags([
         "--data-path", str(corpus), "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
         "--block-size", "16", "--dropout", "0", "--batch-size", str(GLOBAL_BATCH // world_size),
         "--device", "cpu", "--warmup-iters", "2",
@@ -83,8 +81,7 @@ def run(mode: str, corpus: Path, group: distributed.Group) -> tuple[torch.nn.Mod
         "--optimizer", "adamw",
         "--grad-accum-steps", "2" if mode == "accumulation" else "1",
     ])
-    setup = build_setup(loader.load(args))
-    state = train.init_state(setup)
+    state = init_state(setup)
     state.batches = RowsOfGlobalBatch(setup.splits.train, setup.config.model.block_size,
                                       distributed.rank(), world_size)
     faulty = InfiniteLossOnce(state.model, rank=1, at=NONFINITE_STEP if mode == "nonfinite"
@@ -101,7 +98,7 @@ def run(mode: str, corpus: Path, group: distributed.Group) -> tuple[torch.nn.Mod
     flags = []
     for step in range(STEPS):
         faulty.step = step
-        result = train.optimizer_step(state, setup)
+        result = optimizer_step(state, setup)
         state.scheduler.step()
         flags.append(bool(result.is_finite))
     return state.model, {"is_finite": flags, "allreduces": allreduces[0]}

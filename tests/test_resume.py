@@ -22,6 +22,8 @@ import utils.checkpoint
 from model import LanguageModel
 from tests.conftest import PROJECT_ROOT, cpu_setup, run_script, state_for
 from utils.checkpoint import find_checkpoint, load_checkpoint_model, read_checkpoint
+from utils.config import TrainConfig
+from utils.training import optimizer_step
 
 # dropout on, so resuming must restore the RNG exactly to match
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
@@ -226,8 +228,8 @@ def test_a_non_finite_step_leaves_the_weights_untouched(tiny_config, monkeypatch
         def next_batch(self):
             return x, x
 
-    setup = cpu_setup(tiny_config, train.TrainConfig(batch_size=2))
-    result = train.optimizer_step(state_for(model, optimizer, Batches()), setup)
+    setup = cpu_setup(tiny_config, TrainConfig(batch_size=2))
+    result = optimizer_step(state_for(model, optimizer, Batches()), setup)
     assert not result.is_finite
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name

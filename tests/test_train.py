@@ -28,7 +28,6 @@ from tests.conftest import (
     run_script,
     state_for,
 )
-from train import estimate_loss, full_split_loss, optimizer_step
 from utils import budget
 from utils.budget import (
     CALIBRATION_SECONDS,
@@ -37,6 +36,7 @@ from utils.budget import (
     SAFETY_MARGIN,
     LoopClock,
     PaceCheck,
+    Plan,
     Timings,
     calibration_seconds,
     plan_pace_check,
@@ -48,6 +48,15 @@ from utils.checkpoint import load_export
 from utils.config import TrainConfig
 from utils.optimizers import MuonWithAdamW, build_optimizer, lr_at, lr_factor
 from utils.runs import RunPaths
+from utils.tracking import Tracker
+from utils.training import (
+    estimate_loss,
+    full_split_loss,
+    full_split_windows,
+    init_state,
+    optimizer_step,
+    sample_text,
+)
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "48", "--block-size", "32",
         "--batch-size", "16", "--eval-iters", "10", "--sample-tokens", "50", "--device", "cpu"]
@@ -147,7 +156,7 @@ def test_every_option_trains_and_the_loss_falls(tiny_config, options, optimizer)
     config = ModelConfig(**{**vars(tiny_config), **options})
     cfg = TrainConfig(optimizer=optimizer, batch_size=8, max_iters=40, warmup_iters=5)
     setup = cpu_setup(config, cfg)
-    state = train.init_state(setup)
+    state = init_state(setup)
     losses = []
     for _ in range(cfg.max_iters):
         losses.append(optimizer_step(state, setup).loss.item())
@@ -215,7 +224,7 @@ def test_a_capped_full_split_pass_scores_the_first_windows_and_says_so(tiny_conf
     val, block = torch.from_numpy(setup.splits.val.astype(np.int64)), tiny_config.block_size
     windows = [(val[i:i + block], val[i + 1:i + block + 1]) for i in range(0, 6 * block, block)]
     expected = sum(model(x[None], y[None])[1].item() for x, y in windows) / len(windows)
-    assert train.full_split_windows(setup) == 100 // block == 6
+    assert full_split_windows(setup) == 100 // block == 6
     assert full_split_loss(model, setup) == pytest.approx(expected, abs=1e-5)
     state = state_for(model, torch.optim.SGD(model.parameters(), lr=0.1), None)
     state.last_losses = {"train": 1.0, "val": 2.0, "val_full": 3.0}
@@ -237,7 +246,7 @@ def test_the_report_shows_the_last_evaluations_sample_of_the_same_weights(tiny_c
     assert "--- sample ---\nTHE LAST EVALUATION'S SAMPLE\n" in capsys.readouterr().out
     state.step = 41
     train.report(RunPaths(tmp_path), state, setup)
-    fresh = train.sample_text(model, setup, cfg.sample_tokens)
+    fresh = sample_text(model, setup, cfg.sample_tokens)
     assert f"--- sample ---\n{fresh}\n" in capsys.readouterr().out
 
 
@@ -302,7 +311,7 @@ def test_the_pace_check_lengthens_the_run_and_records_it(tiny_config, tmp_path):
     cfg = TrainConfig(batch_size=4, max_iters=40, warmup_iters=2, decay_fraction=0.5,
                       eval_interval=1000)
     setup = cpu_setup(tiny_config, cfg)
-    state = train.init_state(setup)
+    state = init_state(setup)
     run = RunPaths(tmp_path)
     run.meta.mkdir()
     for _ in range(15):
@@ -318,8 +327,9 @@ def test_the_pace_check_lengthens_the_run_and_records_it(tiny_config, tmp_path):
                       timings=Timings(step=1.0, evaluation=0.0, end=0.0))
     texts = []
     recorder = type("Recorder", (), {"log_text": lambda self, *logged: texts.append(logged)})
-    resolved = train.check_pace(state, setup, run, train.Tracker([recorder()]), check, clock)
-    max_iters = resolved.config.train.max_iters
+    plan = Plan(setup, check)
+    budget.check_pace(state, plan, clock, run, Tracker([recorder()]))
+    max_iters = plan.setup.config.train.max_iters
     assert 60 < max_iters < 75
     # the trackers keep the check's line at its step
     ((name, message, step),) = texts
@@ -331,8 +341,8 @@ def test_the_pace_check_lengthens_the_run_and_records_it(tiny_config, tmp_path):
     assert saved["max_iters"] == max_iters
     for step in range(15, max_iters):  # the rest follows the schedule of the new length
         assert group["lr"] == pytest.approx(group["initial_lr"]
-                                            * lr_factor(step, resolved.config.train))
-        optimizer_step(state, resolved)
+                                            * lr_factor(step, plan.setup.config.train))
+        optimizer_step(state, plan.setup)
         state.scheduler.step()
         state.step += 1
     assert group["lr"] == 0.0  # the decay ends with the run
@@ -345,7 +355,7 @@ def test_a_compiled_run_budgets_its_evaluations_by_a_compiled_one(
     times the next one. A fake clock moves only in the evaluations: 30 s for the first, 1 s
     after."""
     cfg = TrainConfig(batch_size=4, eval_iters=2, sample_tokens=0, time_budget=10.0)
-    state = train.init_state(cpu_setup(tiny_config, cfg))  # eager steps: nothing compiles
+    state = init_state(cpu_setup(tiny_config, cfg))  # eager steps: nothing compiles
     setup = cpu_setup(tiny_config, dataclasses.replace(cfg, compile=compile_model))
     now, calls = [0.0], []
     monkeypatch.setattr(budget.time, "perf_counter", lambda: now[0])
@@ -355,8 +365,8 @@ def test_a_compiled_run_budgets_its_evaluations_by_a_compiled_one(
         now[0] += 30.0 if len(calls) == 1 else 1.0
         return {"train": 1.0, "val": 1.0}
 
-    monkeypatch.setattr(train, "estimate_loss", fake_evaluation)
-    timings = train.measure_timings(state, setup)
+    monkeypatch.setattr(budget, "estimate_loss", fake_evaluation)
+    timings = budget.measure_timings(state, setup)
     assert timings.evaluation == pytest.approx(evaluation_s)
 
 

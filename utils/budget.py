@@ -6,14 +6,20 @@ learning-rate schedule finishes exactly at the end. The resolved max_iters is re
 any other setting: --max-iters N repeats the run bit for bit.
 
 A few seconds of steps can misjudge a whole run's pace (a shared machine speeds up and slows
-down by tens of percent), so a wsd run looks again: at its pace checks, late in the constant
-phase, the steps taken so far set max_iters anew. wsd's learning rate up to the end of the
-constant phase does not depend on max_iters, so the new value repeats the run as well.
+down), so a wsd run looks again: at its pace checks, late in the constant phase, the steps
+taken so far set max_iters anew. wsd's learning rate up to the end of the constant phase does
+not depend on max_iters, so the new value repeats the run as well.
+
+    plan = fit_to_budget(state, setup, started)    # plan.setup has the fitted max_iters
+    check_pace(state, plan, clock, run, tracker)   # at plan.pace.step: plan.setup re-fitted
+
+The plan is the one place the fitted max_iters lives: the training loop reads it there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -21,22 +27,33 @@ from dataclasses import dataclass
 
 import torch
 
-from utils import distributed
+from utils import console, distributed
+from utils.checkpoint import TrainingState
 from utils.config import TrainConfig
 from utils.device import synchronize
-from utils.optimizers import wsd_decay_start
+from utils.optimizers import build_scheduler, wsd_decay_start
+from utils.runs import RunPaths, record_config
+from utils.setup import Setup
+from utils.tracking import Tracker
+from utils.training import (
+    estimate_loss,
+    full_split_windows,
+    optimization,
+    optimizer_step,
+    sample_text,
+)
 
 CALIBRATION_SECONDS = 3.0  # of timed steps: enough to average out a few slow ones
-# ...but never more than this share of the budget: a 12-s GPU run cannot spend 3 s measuring
+# ...but never more than this share of the budget: a short run cannot spend that measuring
 CALIBRATION_SHARE = 0.05
 MIN_TIMED_STEPS, MAX_TIMED_STEPS = 3, 50
 SAMPLE_TIMING_TOKENS = 50  # a sample's time grows with its length: time this many, then scale
 # what the estimate cannot see: a checkpoint write, the final export, and above all steps that
-# run slower over a whole run than in its first seconds (5-14% on the 2-core CPU in BENCHMARKS)
+# run slower over a whole run than in its first seconds (BENCHMARKS.md)
 SAFETY_MARGIN = 0.10
-# a pace check has timed minutes of the run, checkpoints and histograms included: the steps
-# after it ran from 3% faster to 4% slower than its pace on the 2-core CPU (BENCHMARKS.md), so
-# the rest of the run keeps a smaller margin and less of the budget is left idle
+# a pace check has timed minutes of the run, checkpoints and histograms included, so the steps
+# after it keep closer to its pace (BENCHMARKS.md): the rest of the run keeps a smaller margin
+# and less of the budget is left idle
 PACE_CHECK_MARGIN = 0.05
 # pace checks come this far into wsd's constant phase: the first late enough to have timed a
 # good stretch of the run and early enough that a slower pace can still shorten it by a
@@ -89,6 +106,87 @@ class LoopClock:
 
     def seconds_per_step(self, step: int) -> float:
         return self.training_seconds() / max(1, step - self.first_step)
+
+
+@dataclass
+class Plan:
+    """How long the run trains: its setup, whose max_iters a time budget fits at the start and
+    each pace check fits anew (here, and nowhere else), and the next pace check, if any."""
+
+    setup: Setup
+    pace: PaceCheck | None = None
+
+
+def fit_to_budget(state: TrainingState, setup: Setup, started: float) -> Plan:
+    """Time real steps and one evaluation on the fresh state, put it back exactly as it was,
+    and plan the max_iters that fits the rest of the time budget, and when the run first
+    checks its pace (never where its schedule cannot take a new max_iters)."""
+    cfg = setup.config.train
+    initial_weights = {name: t.clone() for name, t in state.model.state_dict().items()}
+    with torch.random.fork_rng(devices=[setup.device] if setup.device.type == "cuda" else []):
+        timings = measure_timings(state, setup)
+    state.model.load_state_dict(initial_weights)
+    remaining = cfg.time_budget - (time.perf_counter() - started)
+    fitting = steps_within(remaining, timings, cfg.eval_interval)
+    max_iters = -distributed.max_over_ranks(-fitting, setup.device)  # the slowest rank's
+    resolved = with_max_iters(setup, max_iters)
+    for name, value in optimization(state.model, resolved).items():
+        setattr(state, name, value)
+    console.info(f"time budget {cfg.time_budget:g}s: {timings.step * 1e3:.1f} ms per step, "
+                 f"{timings.evaluation:.1f}s per evaluation, {remaining:.0f}s left -> "
+                 f"max_iters={max_iters} (--max-iters {max_iters} repeats this run)")
+    pace = plan_pace_check(resolved.config.train, PACE_CHECK_SHARES, 0,
+                           started + cfg.time_budget, timings)
+    return Plan(resolved, pace)
+
+
+def measure_timings(state: TrainingState, setup: Setup) -> Timings:
+    """Seconds per step, per evaluation and for the end of the run, on this machine."""
+    cfg, device = setup.config.train, setup.device
+    step = time_steps(lambda: optimizer_step(state, setup), device,
+                      calibration_seconds(cfg.time_budget))
+    if cfg.compile:  # the first evaluation compiles its own graph, once: time the second
+        estimate_loss(state.step_model, setup)
+    sampled = time_call(lambda: estimate_loss(state.step_model, setup), device)
+    # each sampled character costs about the same (the KV cache): time a few, then scale
+    timed_tokens = min(cfg.sample_tokens, SAMPLE_TIMING_TOKENS)
+    sample = time_call(lambda: sample_text(state.model, setup, timed_tokens), device)
+    sample *= cfg.sample_tokens / max(1, timed_tokens)
+    # a full-split pass runs batches of the same shape as the sampled estimate's
+    per_batch = sampled / (2 * cfg.eval_iters)
+    full = per_batch * math.ceil(full_split_windows(setup) / cfg.batch_size)
+    evaluation = (sampled / 2 + full if cfg.eval_full else sampled) + sample
+    # the run ends with an evaluation, whose sample the report shows: the end adds no sample
+    return Timings(step=step, evaluation=evaluation, end=full)
+
+
+def check_pace(state: TrainingState, plan: Plan, clock: LoopClock, run: RunPaths,
+               tracker: Tracker) -> None:
+    """Fit max_iters anew to the pace of the steps so far, into plan.setup, which the schedule,
+    meta/full_config.json and later checkpoints take on; then plan the next check."""
+    assert plan.pace is not None, "check_pace runs only where the plan has a pace check"
+    cfg = plan.setup.config.train
+    seconds_per_step = clock.seconds_per_step(state.step)
+    fitting = refit_max_iters(state.step, seconds_per_step,
+                              plan.pace.deadline - time.perf_counter(), plan.pace, cfg)
+    max_iters = -distributed.max_over_ranks(-fitting, plan.setup.device)  # the slowest rank's
+    message = (f"pace check at step {state.step}: {seconds_per_step * 1e3:.1f} ms per step -> "
+               f"max_iters={max_iters} (--max-iters {max_iters} repeats this run)")
+    console.info(message)
+    tracker.log_text("pace_check", message, state.step)
+    if max_iters != cfg.max_iters:
+        plan.setup = with_max_iters(plan.setup, max_iters)
+        config = plan.setup.config
+        # the rates so far are the same (warmup and the constant phase); the decay moves
+        state.scheduler = build_scheduler(state.optimizer, config.train, state.step)
+        distributed.on_main(lambda: record_config(run, config))
+    plan.pace = plan.pace.following(plan.setup.config.train, state.step)
+
+
+def with_max_iters(setup: Setup, max_iters: int) -> Setup:
+    cfg = setup.config.train
+    return dataclasses.replace(setup, config=dataclasses.replace(
+        setup.config, train=dataclasses.replace(cfg, max_iters=max_iters)))
 
 
 def calibration_seconds(time_budget: float) -> float:
