@@ -6,7 +6,7 @@ at random, or every window once per epoch.
                          block_size=256)             # built on first use, memory-mapped after
     x, y = BatchSampler(corpus.splits.train, block_size=256, batch_size=64, seed=1).next_batch()
 
-Report on a corpus, and build its store: python data.py --data-path books/
+Report on a corpus, and build its store: python train.py --describe-data --data-path books/
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import codecs
 import glob
 import gzip
 import json
-import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,8 +26,6 @@ import torch
 
 from token_store import DataError, Progress, StoreSpec, TokenStore, no_progress, open_token_store
 from tokenizer import CharTokenizer
-from utils import console
-from utils.config_loader import ConfigLoader
 
 # between documents: the files of a folder or glob, the records of a JSONL file
 DOCUMENT_SEPARATOR = "\n\n"
@@ -339,21 +336,3 @@ def describe(corpus: Corpus) -> Iterable[str]:
     how = "reused" if store.reused else f"built now in {store.meta['build_seconds']:.2f} s"
     yield f"store:      {store.path} ({how})"
 
-
-def report(argv: Sequence[str]) -> int:
-    """The corpus report for train.py's data flags (--data-path, --text-field, ...)."""
-    loader = ConfigLoader()
-    config = loader.load(loader.build_parser(__doc__).parse_args(argv))
-    cfg = config.train
-    corpus = load_corpus(cfg.data_path, cfg.text_field, cfg.train_split, cfg.token_cache,
-                         config.model.block_size)
-    print("\n".join(describe(corpus)))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return console.run_main(report, sys.argv[1:] if argv is None else argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

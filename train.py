@@ -2,6 +2,7 @@
 
 Usage: python train.py --run-tag baseline --batch-size 16
        python train.py --resume runs/<id>      # continue a stopped run from its last checkpoint
+       python train.py --describe-data --data-path books/   # report on the corpus, train nothing
        torchrun --standalone --nproc_per_node=4 train.py ...   # DDP over 4 processes
 
 Read top-down: main -> train (config, setup, time budget, run folder) -> fit (the loop, then
@@ -21,6 +22,8 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
+from data import describe
+from tokenizer import CharTokenizer
 from utils import budget, console, distributed
 from utils.checkpoint import (
     RankState,
@@ -30,14 +33,14 @@ from utils.checkpoint import (
     save_checkpoint,
     save_export,
 )
-from utils.config import TrainConfig
+from utils.config import Config, TrainConfig
 from utils.config_loader import ConfigLoader
 from utils.errors import TrainingFailure, UserError
 from utils.interrupts import GracefulStop
 from utils.nonfinite import NonfiniteCounter
 from utils.resume import resolve_parent, resolve_resume
 from utils.runs import RunPaths, command_line, open_run
-from utils.setup import Setup, build_setup
+from utils.setup import Setup, build_setup, open_corpus
 from utils.tracking import Tracker, check_aim_available, flat_hparams
 from utils.training import (
     Due,
@@ -72,6 +75,8 @@ def train(argv: Sequence[str]) -> int:
     # text lacks)
     start = resume or parent
     config, tokenizer = (start.config, start.tokenizer) if start else (loader.load(args), None)
+    if args.describe_data:
+        return describe_data(config, tokenizer)
     setup = build_setup(config, tokenizer)
     if setup.config.train.aim_logging:
         check_aim_available()
@@ -114,6 +119,10 @@ def build_parser(loader: ConfigLoader) -> argparse.ArgumentParser:
         "--init-from-checkpoint", metavar="NAME",
         help="with --init-from: start from this checkpoint (last, best or step_N) instead of "
              "the run's export")
+    parser.add_argument(
+        "--describe-data", action="store_true",
+        help="print the report on the corpus these flags name (sources, size, vocabulary, "
+             "splits, token store), building its token store if needed, and train nothing")
     return parser
 
 
@@ -124,6 +133,12 @@ def check_start_flags(args: argparse.Namespace) -> None:
     if args.init_from_checkpoint and not args.init_from:
         raise UserError("--init-from-checkpoint names a checkpoint of the --init-from run; "
                         "pass --init-from RUN too")
+
+
+def describe_data(config: Config, tokenizer: CharTokenizer | None) -> int:
+    """The corpus report (data.describe) on stdout, its token store built on first use."""
+    print("\n".join(describe(open_corpus(config, tokenizer))))
+    return 0
 
 
 def fit(state: TrainingState, plan: budget.Plan, run: RunPaths, tracker: Tracker) -> int:

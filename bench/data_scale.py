@@ -2,10 +2,10 @@
 on corpora of 10 MB, 100 MB and 1 GB, against the same on input.txt.
 
 The corpora are input.txt repeated, written to a temporary folder and deleted afterwards.
-For each: a cold `python data.py` (the store is built; MB/s of text, timed inside the
-build), then train.py on the cached store for a few steps (peak RSS of the process, and
-seconds from launch to the line that starts training). Prints one table; BENCHMARKS.md keeps
-it.
+For each: a cold `python train.py --describe-data` (the store is built; MB/s of text, timed
+inside the build), then train.py on the cached store for a few steps (peak RSS of the process,
+and seconds from launch to the line that starts training). Prints one table; BENCHMARKS.md
+keeps it.
 Usage: python bench/data_scale.py [--sizes-mb 10 100 1000] [--steps 30]
 """
 
@@ -59,8 +59,9 @@ def run_measured(command: list[str], env: dict[str, str],
 
 def measure(data_path: Path, cache: Path, steps: int) -> dict[str, float]:
     env = {**os.environ, "CHARGPT_TOKEN_CACHE": str(cache)}
-    report = subprocess.run([sys.executable, "data.py", "--data-path", str(data_path)], cwd=ROOT,
-                            env=env, capture_output=True, text=True, check=True).stdout
+    report = subprocess.run([sys.executable, "train.py", "--describe-data", "--data-path",
+                             str(data_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                            check=True).stdout
     store = Path(re.search(r"store: +(\S+) \(built now", report).group(1))
     build_s = json.loads((store / "meta.json").read_text())["build_seconds"]
     train_command = [sys.executable, "train.py", "--data-path", str(data_path), "--max-iters",

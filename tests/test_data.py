@@ -261,7 +261,8 @@ def test_a_tokenisation_killed_by_sigkill_leaves_nothing_trusted(tmp_path, corpu
 def test_processes_building_one_store_take_turns(tmp_path, corpus_file):
     """Like torchrun's processes: they start together, one builds and the others reuse."""
     env = {"CHARGPT_TOKEN_CACHE": str(tmp_path / "cache")}
-    command = [sys.executable, str(PROJECT_ROOT / "data.py"), "--data-path", str(corpus_file)]
+    command = [sys.executable, str(PROJECT_ROOT / "train.py"), "--describe-data", "--data-path",
+               str(corpus_file)]
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
                                   env={**os.environ, **env}) for _ in range(3)]
     outputs = [process.communicate(timeout=120)[0] for process in processes]
@@ -271,7 +272,8 @@ def test_processes_building_one_store_take_turns(tmp_path, corpus_file):
 
 
 def test_the_corpus_report_names_sizes_and_the_store(tmp_path, corpus_file):
-    result = run_script("data.py", "--data-path", str(corpus_file),
+    result = run_script("train.py", "--describe-data", "--data-path", str(corpus_file),
+                        "--runs-dir", str(tmp_path / "runs"),
                         env={"CHARGPT_TOKEN_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr
     text = corpus_file.read_text()
@@ -280,7 +282,8 @@ def test_the_corpus_report_names_sizes_and_the_store(tmp_path, corpus_file):
     assert lines["train"].strip() == f"{int(len(text) * 0.9):,} tokens"
     assert lines["vocabulary"].strip().startswith(f"{len(set(text))} characters")
     assert str(tmp_path / "cache") in lines["store"] and "(built now in" in lines["store"]
-    again = run_script("data.py", "--data-path", str(corpus_file),
+    assert not (tmp_path / "runs").exists()  # a report, not a run
+    again = run_script("train.py", "--describe-data", "--data-path", str(corpus_file),
                        env={"CHARGPT_TOKEN_CACHE": str(tmp_path / "cache")})
     assert "(reused)" in again.stdout
 
