@@ -469,9 +469,9 @@ def test_the_loop_clock_leaves_paused_time_out(monkeypatch):
 
 def test_bf16_autocast_reaches_the_float32_val_loss(tmp_path, capsys):
     """bf16 is the default on CUDA only because it learns as well: a few hundred steps in each
-    precision end within 0.02 of each other (run here on CPU, the same bf16 autocast rules;
-    150 steps ended 0.003 apart, 300 steps 0.002). A given peak FLOP/s skips timing bf16
-    matmuls, which are slow on a CPU without native bf16."""
+    precision end within 0.02 of each other (run here on CPU, the same bf16 autocast rules,
+    where they end far closer than that). A given peak FLOP/s skips timing bf16 matmuls, which
+    are slow on a CPU without native bf16."""
     import train
 
     losses = {}
