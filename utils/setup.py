@@ -2,7 +2,7 @@
 configured for it, and the corpus read, tokenised and split.
 
     setup = build_setup(config)        # threads, device, backends, dtype, data: in that order
-    state = train.init_state(setup)
+    state = init_state(setup)          # utils/training.py
     with setup.autocast(): ...
 
 train.py, profile_model.py and bench/ all go through build_setup, so what one measures is what
