@@ -14,12 +14,16 @@ from tests import checkpoint_writer
 from tests.conftest import PROJECT_ROOT
 from utils.checkpoint import CheckpointError, checkpoint_meta, load_export, read_checkpoint
 
-REPLACEMENTS = 2000
+REPLACEMENTS = 300
 
 
 def start_writer(kind: str, path: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(PROJECT_ROOT / "tests" / "checkpoint_writer.py"),
-                             kind, str(path), str(REPLACEMENTS)], cwd=PROJECT_ROOT)
+    """The writer process, once it has started replacing."""
+    writer = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "tests" / "checkpoint_writer.py"),
+                               kind, str(path), str(REPLACEMENTS)], cwd=PROJECT_ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "replacing\n"
+    return writer
 
 
 def read_while_writing(writer: subprocess.Popen, read) -> tuple[int, list[str]]:
