@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from utils import private_torch
 from utils.config import TrainConfig
 
 
@@ -115,17 +116,18 @@ class Muon(torch.optim.Muon):
                 state["momentum_buffer"] = torch.zeros_like(param.grad)
             buffers.append(state["momentum_buffer"])
         momentum = group["momentum"]
-        torch._foreach_lerp_(buffers, grads, 1 - momentum)
-        updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
+        private_torch.foreach_lerp_(buffers, grads, 1 - momentum)
+        updates = (private_torch.foreach_lerp(grads, buffers, momentum) if group["nesterov"]
+                   else buffers)
         orthogonal = orthogonalize(torch.stack(updates), group["ns_coefficients"],
                                    group["ns_steps"], group["eps"], self.orthogonalize_dtype)
         if self.neuron_beta2 is not None:
             orthogonal = self._even_out_neurons(params, orthogonal.float())
         lr = group["lr"]
         if group["weight_decay"]:
-            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-        torch._foreach_add_(params, list(orthogonal.to(params[0].dtype).unbind(0)),
-                            alpha=-lr * shape_lr_ratio(shape, group["adjust_lr_fn"]))
+            private_torch.foreach_mul_(params, 1 - lr * group["weight_decay"])
+        private_torch.foreach_add_(params, list(orthogonal.to(params[0].dtype).unbind(0)),
+                                   alpha=-lr * shape_lr_ratio(shape, group["adjust_lr_fn"]))
 
     def _even_out_neurons(self, params: list[torch.Tensor], orthogonal: torch.Tensor
                           ) -> torch.Tensor:
