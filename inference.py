@@ -6,29 +6,25 @@ Usage: python inference.py --run runs/<id> --prompt "ROMEO." --max-new-tokens 50
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
-import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from decoding import DecodeWeights, compiled_for_decoding, prepared_for_decoding
-from model import ConfigFieldError, KVCache, LanguageModel, SamplingConfig
+from model import ConfigFieldError, SamplingConfig
 from tokenizer import CharTokenizer, UnknownCharactersError
 from utils import console
 from utils.config import DTYPES
 from utils.config_loader import ArgumentParser
+from utils.decoding import Decoder, compile_decode_step, cpu_decoder, decode_weights
 from utils.device import autocast, resolve_device, resolve_dtype
 from utils.errors import UserError
 from utils.runs import load_run_model
 
 SAMPLE_SEPARATOR = "\n---------------\n"
-# choosing a CPU layout: a few decode steps of each, in alternating rounds (~0.2 s at 6x384)
-LAYOUT_TIMING_STEPS, LAYOUT_TIMING_ROUNDS = 4, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, help="random seed; the one used is reported (default: random)")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     # one token at a time these models are bound by kernel launches, not arithmetic, so
-    # autocast's extra casts only cost time (on an H100, 6x384: float32 580 tokens/s, bf16 242)
+    # autocast's extra casts only cost time (BENCHMARKS.md)
     add("--dtype", default="float32", choices=DTYPES,
         help="on a GPU the autocast precision (default: float32, the fastest for decoding "
              "small models); on a CPU bfloat16 stores the weights in bfloat16")
@@ -69,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
              "layer's input to int8 (FBGEMM): the fastest for larger models (BENCHMARKS.md)")
     add("--compile", action="store_true",
         help="CPU: torch.compile the decode step with the weights frozen in; compiling takes "
-             "15-20 s, then decoding runs 4-5x faster: for long generations. With "
-             "--dtype bfloat16 the steps read bfloat16 weights")
+             "far longer than a step, then each step runs faster, so it pays for long "
+             "generations (BENCHMARKS.md). With --dtype bfloat16 the steps read bfloat16 "
+             "weights")
     add("--no-kv-cache", action="store_true",
         help="recompute the whole context every step (the slow reference path)")
     add("--no-stream", action="store_true", help="print each sample only once it is complete")
@@ -127,14 +124,14 @@ class GenerationStats:
 
 
 def stream_samples(
-    model: LanguageModel, tokenizer: CharTokenizer, prompt_ids: torch.Tensor,
+    decoder: Decoder, tokenizer: CharTokenizer, prompt_ids: torch.Tensor,
     args: argparse.Namespace, sampling: SamplingConfig, generator: torch.Generator,
     stats: GenerationStats,
 ) -> Iterator[tuple[int, str]]:
     """Yield (sample index, text to show) as tokens arrive; stop once every sample has stopped."""
     filters = [StopFilter(args.stop) for _ in range(prompt_ids.size(0))]
-    tokens = model.generate_stream(prompt_ids, args.max_new_tokens, sampling, generator,
-                                   use_cache=not args.no_kv_cache)
+    tokens = decoder.generate_stream(prompt_ids, args.max_new_tokens, sampling, generator,
+                                     use_cache=not args.no_kv_cache)
     start = time.perf_counter()
     for step, next_ids in enumerate(tokens):
         ids = next_ids.tolist()  # waits for the device, so the timings below are real
@@ -198,17 +195,17 @@ def generate(argv: Sequence[str]) -> int:
         raise UserError(f"--quantize {args.quantize} and --dtype {args.dtype} each set the "
                         "weights' precision; pass one of them")
     saved = load_run_model(args.run, args.runs_dir, args.checkpoint, device)
-    model, tokenizer = saved.model, saved.tokenizer
+    tokenizer, decoder = saved.tokenizer, Decoder(saved.model)
     if device.type == "cpu":
         # weights laid out once for decoding; bfloat16 and int8 live in the weights, so the
         # activations stay float32 and need no autocast
-        model = cpu_decoding_model(model, decode_weights(args.quantize, dtype), args.num_samples,
-                                   args.compile)
+        decoder = cpu_decoder(saved.model, decode_weights(args.quantize, dtype),
+                              args.num_samples, args.compile)
         dtype = torch.float32
-        if model.compiled_step is not None and model.config.block_size > 1:
+        if decoder.compiled_step is not None and decoder.model.config.block_size > 1:
             # compiled before generating, so the decode rate reported is the steps' alone
             console.info(f"compiled the decode step in "
-                         f"{compile_decode_step(model, args.num_samples):.1f} s")
+                         f"{compile_decode_step(decoder, args.num_samples):.1f} s")
     try:
         prompt_ids = torch.tensor([tokenizer.encode(prompt)] * args.num_samples, device=device)
     except UnknownCharactersError as error:
@@ -223,7 +220,7 @@ def generate(argv: Sequence[str]) -> int:
     if stream:
         sys.stdout.write(prompt)
     with autocast(device, dtype):
-        for row, piece in stream_samples(model, tokenizer, prompt_ids, args, sampling,
+        for row, piece in stream_samples(decoder, tokenizer, prompt_ids, args, sampling,
                                          generator, stats):
             texts[row] += piece
             if stream and row == 0:
@@ -237,57 +234,6 @@ def generate(argv: Sequence[str]) -> int:
     sys.stdout.flush()
     console.info(stats.summary(seed))
     return 0
-
-
-def cpu_decoding_model(model: LanguageModel, weights: DecodeWeights, batch_size: int,
-                       compile_step: bool = False) -> LanguageModel:
-    """The model with its weights laid out for decoding on this CPU. For float32 that is
-    whichever of F.linear's layout and the transposed one decodes faster here: the transposed
-    one was twice as fast on an AVX-512 CPU and a third slower on an AVX2 one at the default
-    shape (BENCHMARKS.md); both give the same tokens. Compiled decoding (float32 or
-    bfloat16) packs the weights for the compiler's own matrix kernels, whatever the layout."""
-    if compile_step:
-        return compiled_for_decoding(model, weights)
-    prepared = prepared_for_decoding(model, weights)
-    if weights != "float32":
-        return prepared
-    candidates = [model.eval(), prepared]
-    seconds = [math.inf] * len(candidates)
-    for _ in range(LAYOUT_TIMING_ROUNDS):  # alternating, so a slow spell hits both
-        for index, candidate in enumerate(candidates):
-            seconds[index] = min(seconds[index], decode_step_seconds(candidate, batch_size))
-    return candidates[seconds.index(min(seconds))]
-
-
-@torch.no_grad()
-def decode_step_seconds(model: LanguageModel, batch_size: int) -> float:
-    """Seconds of the fastest of a few cached single-token steps of batch_size samples."""
-    cache = KVCache(model.config, batch_size)
-    ids = torch.zeros(batch_size, 1, dtype=torch.long)
-    seconds = []
-    for _ in range(min(LAYOUT_TIMING_STEPS + 1, model.config.block_size)):
-        start = time.perf_counter()
-        model(ids, cache=cache)
-        seconds.append(time.perf_counter() - start)
-    return min(seconds[1:] or seconds)  # the first step also allocates the cache
-
-
-@torch.no_grad()
-def compile_decode_step(model: LanguageModel, batch_size: int) -> float:
-    """Seconds to compile the model's cached decode step for batch_size samples, by running
-    its first step on a scratch cache."""
-    cache = KVCache(model.config, batch_size)
-    ids = torch.zeros(batch_size, 1, dtype=torch.long)
-    model(ids, cache=cache)  # the eager prefill, which fills the first slot
-    start = time.perf_counter()
-    model.compiled_step(ids, cache=cache)
-    return time.perf_counter() - start
-
-
-def decode_weights(quantize: str | None, dtype: torch.dtype) -> DecodeWeights:
-    if quantize:
-        return typing.cast(DecodeWeights, quantize)
-    return "bfloat16" if dtype == torch.bfloat16 else "float32"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -226,8 +226,6 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        # SDPA's signature; compiled decoding swaps in its own for single queries (decoding.py)
-        self.attend: Callable[..., torch.Tensor] = F.scaled_dot_product_attention
 
     def forward(self, x: torch.Tensor, context: Context) -> torch.Tensor:
         """Causal self-attention; with a cache that already holds keys, the context's mask
@@ -248,12 +246,19 @@ class CausalSelfAttention(nn.Module):
                 k, v = keys[:, :, :T], values[:, :, :T]
             else:
                 # decode attends over the whole buffer, so every step has the same shapes and
-                # kernels reuse their plans (a growing key length made bf16 decode ~25x slower)
+                # kernels reuse their plans instead of planning each new key length (BENCHMARKS.md)
                 k, v = keys, values
-        dropout_p = self.dropout if self.training else 0.0
-        y = self.attend(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None)
+        y = self.attend(q, k, v, mask, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.proj(y))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+        """Each query's (B, n_head, T, head_dim) average of the values, weighted by its
+        scores against the keys; mask None means plain causal. A subclass may compute it
+        another way (utils/decoding.py streams one query over the cache)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                              is_causal=mask is None)
 
 
 class MLP(nn.Module):
@@ -311,9 +316,6 @@ class LanguageModel(nn.Module):
         self.ln_final = make_norm(config)
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # set on decoding copies by decoding.py: the head's layout and the compiled step
-        self.decode_head: nn.Module | None = None
-        self.compiled_step: Callable[..., Any] | None = None
         self._init_parameters()
 
     def _init_parameters(self) -> None:
@@ -391,10 +393,10 @@ class LanguageModel(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.ln_final(x)
-        if self.decode_head is not None:
-            logits = self.decode_head(x)  # (B, T, vocab)
+        if self.config.tie_embeddings:
+            logits = F.linear(x, self.token_embedding.weight)  # (B, T, vocab)
         else:
-            logits = F.linear(x, self.output_weight())
+            logits = self.lm_head(x)
         if self.config.logit_softcap is not None:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
@@ -415,6 +417,7 @@ class LanguageModel(nn.Module):
         sampling: SamplingConfig | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        step: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield each new token (B,) as it is sampled after the prompt idx (B, T).
 
@@ -422,6 +425,9 @@ class LanguageModel(nn.Module):
         would not fit, the window restarts from the most recent half of the text (latest token
         included) at positions 0.., which is one fresh prefill; with use_cache=False the same
         window is recomputed every step, so both paths see identical contexts.
+
+        step(ids, cache=cache) runs each cached one-token step instead of the model itself, a
+        compiled form of its forward, say; prefills always run the model.
         """
         sampling = sampling or SamplingConfig()
         block_size = self.config.block_size
@@ -429,12 +435,12 @@ class LanguageModel(nn.Module):
         text = idx[:, -block_size:]
         window_len = text.size(1)
         cache = KVCache(self.config, idx.size(0)) if use_cache else None
-        cached_step = self.compiled_step or self  # runs every cached one-token step
+        cached_step = step or self
         logits, _ = self(text, cache=cache)
-        for step in range(max_new_tokens):
+        for count in range(1, max_new_tokens + 1):
             next_id = sample_next(logits[:, -1], sampling, text, generator)  # (B,)
             yield next_id
-            if step == max_new_tokens - 1:
+            if count == max_new_tokens:
                 break
             text = torch.cat([text, next_id[:, None]], dim=1)[:, -block_size:]
             if window_len == block_size:
@@ -462,10 +468,13 @@ class LanguageModel(nn.Module):
         repetition_penalty: float = 1.0,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        step: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None,
     ) -> torch.Tensor:
-        """The prompt idx (B, T) followed by max_new_tokens sampled ids: (B, T + max_new_tokens)."""
+        """The prompt idx (B, T) followed by max_new_tokens sampled ids: (B, T + max_new_tokens);
+        step as in generate_stream."""
         sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
-        new = list(self.generate_stream(idx, max_new_tokens, sampling, generator, use_cache))
+        new = list(self.generate_stream(idx, max_new_tokens, sampling, generator, use_cache,
+                                        step))
         return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
 
 

@@ -1,6 +1,6 @@
 """Decode speed: the KV cache against none, the decode weight layouts (prepared_for_decoding)
-and the compiled step (compiled_for_decoding) against plain F.linear, batches against one
-sample, and each mode's agreement with float32.
+and the compiled step (compiled_for_decoding, utils/decoding.py) against plain F.linear,
+batches against one sample, and each mode's agreement with float32.
 
 Speed rows use random weights (speed does not depend on them). Agreement needs a trained model,
 whose logits are peaked as in real use: pass --run runs/<id> (its export) and the table gains
@@ -23,10 +23,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from decoding import compiled_for_decoding, prepared_for_decoding  # noqa: E402
-from inference import compile_decode_step  # noqa: E402
 from model import KVCache, LanguageModel, SamplingConfig  # noqa: E402
+from utils import private_torch  # noqa: E402
 from utils.checkpoint import load_export  # noqa: E402
+from utils.decoding import (  # noqa: E402
+    Decoder,
+    compile_decode_step,
+    compiled_for_decoding,
+    gated_feature,
+    prepared_for_decoding,
+)
 from utils.device import synchronize  # noqa: E402
 from utils.runs import RunPaths  # noqa: E402
 from utils.setup import setup_from_flags  # noqa: E402
@@ -40,37 +46,44 @@ LAYOUTS = ("F.linear", "float32", "bfloat16", "int8", "int8-dynamic", "compiled"
            "compiled-bfloat16")
 
 
-def decoding_model(model: LanguageModel, layout: str) -> LanguageModel:
+def layout_closed_reason(layout: str) -> str | None:
+    """Why this torch cannot decode with the layout (utils/private_torch.py), or None."""
+    is_compiled = layout.startswith("compiled")
+    weights = "float32" if layout in ("F.linear", "compiled") else layout.removeprefix("compiled-")
+    feature = gated_feature(weights, is_compiled)
+    return None if feature is None else private_torch.closed_reason(feature)
+
+
+def decoding_model(model: LanguageModel, layout: str) -> Decoder:
     if layout == "F.linear":
-        return model
+        return Decoder(model)
     if layout.startswith("compiled"):
         # forget the graphs compiled for earlier models, whose steps this process has run:
-        # Dynamo counts the graphs of model.forward together and stops compiling at eight
-        torch._dynamo.reset()
+        # Dynamo stops compiling one function (model.forward, for every model) past a limit
+        private_torch.reset_compiled_graphs()
         return compiled_for_decoding(model, "bfloat16" if layout.endswith("bfloat16")
                                      else "float32")
-    return prepared_for_decoding(model, layout)
+    return Decoder(prepared_for_decoding(model, layout))
 
 
 @torch.no_grad()
-def decoded_logits(model: LanguageModel, prompt: torch.Tensor) -> torch.Tensor:
+def decoded_logits(decoder: Decoder, prompt: torch.Tensor) -> torch.Tensor:
     """Logits (T, vocab) for the prompt (1, T) decoded one token at a time with the cache, as
     generation computes them (through the compiled step, where there is one)."""
-    cache = KVCache(model.config, 1)
-    logits = [model(prompt[:, :1], cache=cache)[0]]
-    step = model.compiled_step or model
-    logits += [step(prompt[:, t:t + 1], cache=cache)[0] for t in range(1, prompt.size(1))]
+    cache = KVCache(decoder.model.config, 1)
+    logits = [decoder.model(prompt[:, :1], cache=cache)[0]]
+    logits += [decoder.step(prompt[:, t:t + 1], cache)[0] for t in range(1, prompt.size(1))]
     return torch.cat(logits, dim=1)[0]
 
 
-def decode_rate(model: LanguageModel, new_tokens: int, use_cache: bool, device: torch.device,
+def decode_rate(decoder: Decoder, new_tokens: int, use_cache: bool, device: torch.device,
                 batch_size: int = 1) -> float:
     """Decode steps per second while sampling new_tokens after a one-character prompt
     (prefill excluded); each step makes batch_size tokens."""
     prompt = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(0)
-    stream = model.generate_stream(prompt, new_tokens, SamplingConfig(temperature=1.0),
-                                   generator, use_cache)
+    stream = decoder.generate_stream(prompt, new_tokens, SamplingConfig(temperature=1.0),
+                                     generator, use_cache)
     next(stream)  # the prefill and first token
     synchronize(device)
     start = time.perf_counter()
@@ -80,35 +93,34 @@ def decode_rate(model: LanguageModel, new_tokens: int, use_cache: bool, device: 
 
 
 @torch.no_grad()
-def single_token_forward_ms(model: LanguageModel, device: torch.device,
+def single_token_forward_ms(decoder: Decoder, device: torch.device,
                             repeats: int = 200) -> float:
-    """Median time of model(one token, cache) halfway into the window: the decode step's core."""
-    cache = KVCache(model.config, 1)
-    half = model.config.block_size // 2
-    model(torch.zeros(1, half, dtype=torch.long, device=device), cache=cache)
+    """Median time of one cached step halfway into the window: the decode step's core."""
+    cache = KVCache(decoder.model.config, 1)
+    half = decoder.model.config.block_size // 2
+    decoder.model(torch.zeros(1, half, dtype=torch.long, device=device), cache=cache)
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
-    step = model.compiled_step or model
     times = []
     for _ in range(repeats):
         cache.length = half
         synchronize(device)
         start = time.perf_counter()
-        step(token, cache=cache)
+        decoder.step(token, cache)
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
 
 @torch.no_grad()
-def agreement(reference: LanguageModel, model: LanguageModel, prompt: torch.Tensor,
+def agreement(reference: LanguageModel, decoder: Decoder, prompt: torch.Tensor,
               tokens: int) -> tuple[int, float]:
     """(greedy tokens equal to the reference's before the first difference, of `tokens`;
     the largest logit difference over the prompt's block, decoded token by token)."""
-    ours = model.generate(prompt[:, :1], tokens, temperature=0)[0, 1:]
+    ours = decoder.generate(prompt[:, :1], tokens, temperature=0)[0, 1:]
     theirs = reference.generate(prompt[:, :1], tokens, temperature=0)[0, 1:]
     differ = (ours != theirs).nonzero()
     same = tokens if len(differ) == 0 else int(differ[0])
-    logit_gap = (decoded_logits(model, prompt) - reference(prompt)[0]).abs().max().item()
+    logit_gap = (decoded_logits(decoder, prompt) - reference(prompt)[0]).abs().max().item()
     return same, logit_gap
 
 
@@ -129,16 +141,19 @@ def speed_table(args: argparse.Namespace, device: torch.device) -> None:
                 notes.append(f"{name}: no compiled row; inference.py compiles decoding on a "
                              "CPU only")
                 continue
-            model = decoding_model(trained_like, layout)
-            if layout.startswith("compiled"):  # compiled before the timings, for each batch size
+            if (reason := layout_closed_reason(layout)) is not None:
+                notes.append(f"{name}: no {layout} row: {reason}")
+                continue
+            decoder = decoding_model(trained_like, layout)
+            if decoder.compiled_step is not None:  # compiled before the timings, per batch size
                 notes.append(f"{name}: compiling the decode step took "
-                             f"{compile_decode_step(model, 1):.1f} s, again for batch 8 "
-                             f"{compile_decode_step(model, 8):.1f} s")
-            forward_ms = single_token_forward_ms(model, device)
-            cached = decode_rate(model, args.tokens, True, device)
-            uncached = (f"{decode_rate(model, args.tokens, False, device):,.0f}"
+                             f"{compile_decode_step(decoder, 1):.1f} s, again for batch 8 "
+                             f"{compile_decode_step(decoder, 8):.1f} s")
+            forward_ms = single_token_forward_ms(decoder, device)
+            cached = decode_rate(decoder, args.tokens, True, device)
+            uncached = (f"{decode_rate(decoder, args.tokens, False, device):,.0f}"
                         if layout == "F.linear" else "-")
-            batched = decode_rate(model, args.tokens, True, device, batch_size=8)
+            batched = decode_rate(decoder, args.tokens, True, device, batch_size=8)
             print(f"| {name} | {layout} | {cached:,.0f} | {uncached} | {forward_ms:.3f} | "
                   f"{1e3 / cached:.3f} | {1e3 / cached / forward_ms:.2f}x | "
                   f"{1e3 / batched:.3f} | {cached / batched:.2f}x |", flush=True)
@@ -156,6 +171,9 @@ def agreement_table(run: Path, tokens: int) -> None:
     print("| weights | greedy tokens equal before the first difference | max logit difference |")
     print("|---|---|---|")
     for layout in LAYOUTS[1:]:
+        if (reason := layout_closed_reason(layout)) is not None:
+            print(f"| {layout} | - ({reason}) | - |", flush=True)
+            continue
         same, gap = agreement(model, decoding_model(model, layout), prompt, tokens)
         print(f"| {layout} | {same} of {tokens} | {gap:.2e} |", flush=True)
 

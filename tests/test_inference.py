@@ -11,12 +11,13 @@ import torch
 from safetensors.torch import save_file
 
 import inference
-from decoding import DecodeLinear
 from inference import StopFilter
 from model import LanguageModel, ModelConfig
 from tests.conftest import randomised
 from tokenizer import CharTokenizer
+from utils import decoding, private_torch
 from utils.checkpoint import load_export, save_export, weights_of
+from utils.decoding import DecodeLinear
 from utils.runs import create_run
 
 VOCAB = "\nabcdefghijklmnopqrstuvwxyz .,"
@@ -246,6 +247,28 @@ def test_compiled_cpu_decoding_writes_the_eager_text(exported_run, capsys, sampl
     assert re.search(r"compiled the decode step in \d+\.\d s", err)
 
 
+@pytest.mark.parametrize("flags", [["--compile"], ["--quantize", "int8"],
+                                   ["--quantize", "int8-dynamic"]],
+                         ids=["compile", "int8", "int8-dynamic"])
+def test_compile_and_quantize_decode_the_portable_way_on_an_untested_torch(
+        exported_run, capsys, monkeypatch, flags):
+    """On a torch the private calls were not tested with (utils/private_torch.py), --compile
+    and --quantize say so in one line and write the plain float32 model's greedy text."""
+    base = ["--run", str(exported_run), "--max-new-tokens", "40", "--prompt", "ab",
+            "--device", "cpu", "--temperature", "0"]
+    code, plain, err = run_inference(capsys, *base)
+    assert code == 0, err
+    monkeypatch.setattr(private_torch, "TESTED_TORCH_RELEASES", ("1.0",))
+    code, out, err = run_inference(capsys, *base, *flags)
+    assert code == 0, err
+    assert out == plain
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "Traceback" not in err
+    assert (f"tested with torch 1.0 only, and this is torch {torch.__version__}; decoding on "
+            "the portable path (eager, float32 weights)") in warnings[0]
+    assert "compiled the decode step" not in err
+
+
 def test_compiled_bfloat16_cpu_decoding_writes_a_batch(exported_run, capsys):
     code, out, err = run_inference(capsys, "--run", str(exported_run), "--max-new-tokens", "40",
                                    "--prompt", "ab", "--device", "cpu", "--compile",
@@ -266,12 +289,12 @@ def test_cpu_float32_decoding_keeps_the_faster_layout(exported_run, monkeypatch,
         is_transposed = any(isinstance(m, DecodeLinear) for m in candidate.modules())
         return 1.0 if is_transposed == (faster == "transposed") else 2.0
 
-    monkeypatch.setattr(inference, "decode_step_seconds", fake_seconds)
-    chosen = inference.cpu_decoding_model(model, "float32", batch_size=1)
+    monkeypatch.setattr(decoding, "decode_step_seconds", fake_seconds)
+    chosen = decoding.cpu_decoder(model, "float32", batch_size=1).model
     assert any(isinstance(m, DecodeLinear) for m in chosen.modules()) == (faster == "transposed")
 
 
 def test_decode_step_timing_fits_a_one_character_window(exported_run):
     model, _ = load_export(exported_run / "artifacts" / "export")
     model = LanguageModel(dataclasses.replace(model.config, block_size=1)).eval()
-    assert inference.decode_step_seconds(model, batch_size=2) > 0
+    assert decoding.decode_step_seconds(model, batch_size=2) > 0
