@@ -1,16 +1,17 @@
 """A few steps of train.py's setup and training step with batches the test controls, run by
 tests/test_distributed.py under torchrun (and, for the reference, in a single process).
 
-    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py MODE CORPUS OUT_DIR
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py MODE[,MODE...] CORPUS OUT_DIR
 
 Every rank takes its rows of one global batch stream, so N ranks see exactly the batches one
 process would. MODE "equivalence" trains plainly; "accumulation" the same with every step's
 batch in two micro-batches (gradients synced on the second only); "nonfinite" makes rank 1's
 loss infinite at one step (its gradients stay finite), which every rank must skip; "main_fails"
 fails on rank 0 alone, in work only rank 0 does, as a full disk would; "rank1_killed" has rank
-1 killed (SIGKILL) while rank 0 waits in a collective. Each rank writes its weights to
-OUT_DIR/rank<r>.safetensors, and to OUT_DIR/rank<r>.json the per-step is_finite flags and how
-many gradient all-reduces DDP ran.
+1 killed (SIGKILL) while rank 0 waits in a collective. Several training modes run one after
+the other in one launch, which spares a launch each. For each, every rank writes its weights to
+OUT_DIR/<MODE>/rank<r>.safetensors, and to OUT_DIR/<MODE>/rank<r>.json the per-step is_finite
+flags and how many gradient all-reduces DDP ran.
 """
 
 from __future__ import annotations
@@ -109,19 +110,21 @@ def fail_on_main() -> None:
 
 
 def main(argv: list[str]) -> int:
-    mode, corpus, out = argv[0], Path(argv[1]), Path(argv[2])
+    modes, corpus, out = argv[0].split(","), Path(argv[1]), Path(argv[2])
     launch = distributed.current_launch()
     with distributed.process_group(launch, torch.device("cpu")) as group:
-        if mode == "main_fails":
+        if "main_fails" in modes:
             distributed.on_main(fail_on_main)
-        if mode == "rank1_killed":
+        if "rank1_killed" in modes:
             if launch.rank == 1:
                 os.kill(os.getpid(), signal.SIGKILL)
             distributed.max_over_ranks(0, torch.device("cpu"))  # rank 0 waits for rank 1
-        model, record = run(mode, corpus, group)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(out / f"rank{launch.rank}.safetensors"))
-    (out / f"rank{launch.rank}.json").write_text(json.dumps(record))
+        for mode in modes:
+            model, record = run(mode, corpus, group)
+            (out / mode).mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                      str(out / mode / f"rank{launch.rank}.safetensors"))
+            (out / mode / f"rank{launch.rank}.json").write_text(json.dumps(record))
     return 0
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
+import train
 from tests import ddp_worker
 from tests.conftest import PROJECT_ROOT
 from utils import distributed
@@ -29,6 +30,7 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32
         "--batch-size", "8", "--dropout", "0.1", "--eval-iters", "4", "--sample-tokens", "20",
         "--device", "cpu", "--log-interval", "10", "--eval-interval", "20",
         "--checkpoint-interval", "20", "--learning-rate", "3e-3", "--warmup-iters", "5"]
+WHOLE_RUN = ("--max-iters", "200")
 
 
 def torchrun_command(*args: str, launcher_flags: tuple[str, ...] = ()) -> list[str]:
@@ -68,9 +70,26 @@ def only_run(runs: Path) -> Path:
     return folders[0]
 
 
-def test_two_processes_make_one_run_that_learns(tmp_path: Path, corpus_file: Path) -> None:
-    result = train_with_torchrun(tmp_path / "runs", corpus_file, "--max-iters", "60")
-    run = only_run(tmp_path / "runs")
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    corpus = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    corpus.write_text("".join(f"ROMEO.\nBut soft, what light {i % 11} through yonder window "
+                              "breaks?\n" for i in range(600)), encoding="utf-8")
+    return corpus
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory: pytest.TempPathFactory,
+              corpus: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """One uninterrupted run of two processes, 200 steps: the run that learns, the one a
+    stopped and resumed run must match, and the one a single process may not resume."""
+    runs = tmp_path_factory.mktemp("whole")
+    result = train_with_torchrun(runs, corpus, *WHOLE_RUN)
+    return only_run(runs), result
+
+
+def test_two_processes_make_one_run_that_learns(whole_run) -> None:
+    run, result = whole_run
     # rank 0 alone speaks: the start line and the final report appear once
     assert result.stderr.count("2 process(es); global batch 16 sequences (8 x 1 accumulation x 2)"
                                " = 512 tokens per step") == 1
@@ -87,7 +106,7 @@ def test_two_processes_make_one_run_that_learns(tmp_path: Path, corpus_file: Pat
     values = hparams.session_start_info.hparams
     assert (values["world_size"].number_value, values["global_batch_size"].number_value) == (2, 16)
     val = [e.value for e in scalars.Scalars("val/loss")]
-    assert [e.step for e in scalars.Scalars("val/loss")] == [20, 40, 60]
+    assert [e.step for e in scalars.Scalars("val/loss")] == list(range(20, 201, 20))
     assert val[-1] < val[0] - 0.3
     model, tokenizer = load_export(run / "artifacts" / "export")
     assert not any(name.startswith("module.") for name in model.state_dict())
@@ -99,12 +118,11 @@ def test_two_processes_make_one_run_that_learns(tmp_path: Path, corpus_file: Pat
 
 
 def test_stopped_and_resumed_under_torchrun_matches_an_uninterrupted_run(
-        tmp_path: Path, corpus_file: Path) -> None:
-    train_with_torchrun(tmp_path / "whole", corpus_file, "--max-iters", "200")
+        tmp_path: Path, corpus: Path, whole_run) -> None:
     runs = tmp_path / "parts"
     launcher = subprocess.Popen(
-        torchrun_command("train.py", *TINY, "--data-path", str(corpus_file), "--runs-dir",
-                         str(runs), "--max-iters", "200"),
+        torchrun_command("train.py", *TINY, "--data-path", str(corpus), "--runs-dir",
+                         str(runs), *WHOLE_RUN),
         cwd=PROJECT_ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     deadline = time.monotonic() + 120
@@ -120,21 +138,18 @@ def test_stopped_and_resumed_under_torchrun_matches_an_uninterrupted_run(
     result = torchrun("train.py", "--resume", str(resumed))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming {resumed.name} at step {stopped_at}" in result.stderr
-    whole = load_file(str(only_run(tmp_path / "whole") / "artifacts/export/model.safetensors"))
+    whole = load_file(str(whole_run[0] / "artifacts/export/model.safetensors"))
     parts = load_file(str(resumed / "artifacts/export/model.safetensors"))
     for name, tensor in whole.items():  # dropout on: every rank's RNG must be restored
         assert torch.equal(tensor, parts[name]), name
 
 
-def test_resume_with_another_number_of_processes_is_refused(tmp_path: Path,
-                                                           corpus_file: Path) -> None:
-    train_with_torchrun(tmp_path / "runs", corpus_file, "--max-iters", "20")
-    run = only_run(tmp_path / "runs")
+def test_resume_with_another_number_of_processes_is_refused(whole_run, capsys) -> None:
+    run, _ = whole_run
     before = sorted(p.name for p in run.rglob("*"))
-    result = subprocess.run([sys.executable, "train.py", "--resume", str(run), "--max-iters",
-                             "40"], cwd=PROJECT_ROOT, capture_output=True, text=True)
-    assert result.returncode == 2
-    assert result.stderr.strip() == (
+    # in this process, a single one, as `python train.py` runs it
+    assert train.main(["--resume", str(run), "--max-iters", "400"]) == 2
+    assert capsys.readouterr().err.strip() == (
         f"error: run {run.name} was trained by 2 process(es) but this resume has 1; each "
         "process continues its own batch stream, so resume it with 2 processes in all, e.g. "
         f"torchrun --standalone --nproc_per_node=2 train.py --resume {run}")
@@ -149,29 +164,29 @@ def test_a_bad_config_under_torchrun_is_reported_once(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists()
 
 
+WORKER_MODES = ("equivalence", "accumulation", "nonfinite")
+Ranks = list[tuple[dict[str, torch.Tensor], dict]]  # each rank's weights and record
+
+
 @pytest.fixture(scope="module")
-def worker_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    corpus = tmp_path_factory.mktemp("worker") / "corpus.txt"
-    corpus.write_text("".join(f"ROMEO.\nBut soft, what light {i % 11} through yonder window "
-                              "breaks?\n" for i in range(600)), encoding="utf-8")
-    return corpus
-
-
-def worker(mode: str, corpus: Path, out: Path) -> list[tuple[dict[str, torch.Tensor], dict]]:
-    out.mkdir(exist_ok=True)
-    result = torchrun(str(Path("tests") / "ddp_worker.py"), mode, str(corpus), str(out))
+def worker_ranks(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> dict[str, Ranks]:
+    """Every training mode of tests/ddp_worker.py, one after the other in one launch."""
+    out = tmp_path_factory.mktemp("worker")
+    result = torchrun(str(Path("tests") / "ddp_worker.py"), ",".join(WORKER_MODES), str(corpus),
+                      str(out))
     assert result.returncode == 0, result.stderr[-3000:]
-    return [(load_file(str(out / f"rank{r}.safetensors")),
-             json.loads((out / f"rank{r}.json").read_text())) for r in range(2)]
+    return {mode: [(load_file(str(out / mode / f"rank{r}.safetensors")),
+                    json.loads((out / mode / f"rank{r}.json").read_text())) for r in range(2)]
+            for mode in WORKER_MODES}
 
 
 @pytest.mark.parametrize("mode", ["equivalence", "accumulation"])
 def test_two_ranks_with_half_batches_match_one_process_with_the_whole(
-        mode: str, tmp_path: Path, worker_corpus: Path) -> None:
-    model, record = ddp_worker.run(mode, worker_corpus, distributed.Group())  # one process
+        mode: str, corpus: Path, worker_ranks: dict[str, Ranks]) -> None:
+    model, record = ddp_worker.run(mode, corpus, distributed.Group())  # one process
     assert all(record["is_finite"])
     single = model.state_dict()
-    ranks = worker(mode, worker_corpus, tmp_path / "out")
+    ranks = worker_ranks[mode]
     for weights, record in ranks:
         assert all(record["is_finite"])
         # one all-reduce per optimizer step (the tiny model fits one bucket): with two
@@ -184,8 +199,8 @@ def test_two_ranks_with_half_batches_match_one_process_with_the_whole(
 
 
 def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(
-        tmp_path: Path, worker_corpus: Path) -> None:
-    ranks = worker("nonfinite", worker_corpus, tmp_path / "out")
+        worker_ranks: dict[str, Ranks]) -> None:
+    ranks = worker_ranks["nonfinite"]
     expected = [step != ddp_worker.NONFINITE_STEP for step in range(ddp_worker.STEPS)]
     assert [record["is_finite"] for _, record in ranks] == [expected, expected]
     (rank0, _), (rank1, _) = ranks
