@@ -254,9 +254,9 @@ class CausalSelfAttention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
-        """Each query's (B, n_head, T, head_dim) average of the values, weighted by its
-        scores against the keys; mask None means plain causal. A subclass may compute it
-        another way (utils/decoding.py streams one query over the cache)."""
+        """Each query's average of the values (B, n_head, T, head_dim), weighted by the
+        softmax of its scores against the keys; mask None means plain causal. A subclass may
+        compute it another way (utils/decoding.py streams one query over the cache)."""
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                               is_causal=mask is None)
 
