@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket
@@ -16,7 +15,8 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import BIN, PROJECT_ROOT, find_aim_run, run_script
+import train
+from tests.conftest import BIN, find_aim_run
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
         "--batch-size", "8", "--eval-iters", "4", "--sample-tokens", "40", "--device", "cpu",
@@ -28,10 +28,9 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32
 def tracked_run(tmp_path_factory) -> tuple[Path, Path]:
     """One tiny run tracked by TensorBoard and Aim: (run folder, Aim repo folder)."""
     tmp = tmp_path_factory.mktemp("tracked")
-    result = run_script("train.py", *TINY, "--aim", "--aim-repo", str(tmp / "aim"),
-                        "--runs-dir", str(tmp / "runs"), "--run-tag", "tracked")
-    assert result.returncode == 0, result.stderr
-    run_dir = Path(re.search(r"run folder: (\S+)", result.stdout).group(1))
+    assert train.main([*TINY, "--aim", "--aim-repo", str(tmp / "aim"),
+                       "--runs-dir", str(tmp / "runs"), "--run-tag", "tracked"]) == 0
+    (run_dir,) = (tmp / "runs").iterdir()
     return run_dir, tmp / "aim"
 
 
@@ -76,33 +75,37 @@ def test_aim_run_is_named_by_run_id_with_hparams_losses_and_closed(tracked_run):
     assert not run.active
 
 
-def test_aim_run_is_closed_after_ctrl_c(tmp_path):
-    process = subprocess.Popen(
-        [sys.executable, str(PROJECT_ROOT / "train.py"), *TINY, "--max-iters", "100000",
-         "--aim", "--aim-repo", str(tmp_path / "aim"), "--runs-dir", str(tmp_path / "runs"),
-         "--checkpoint-interval", "20"],
-        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    # the first checkpoint: the Aim run is open and has metrics
-    while not list(tmp_path.glob("runs/*/artifacts/checkpoints/step_20.safetensors")):
-        assert time.monotonic() < deadline and process.poll() is None, "no checkpoint appeared"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 130, err
+def test_aim_run_is_closed_after_ctrl_c(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during step 25 (sent by the process to itself; Python runs the handler at once),
+    after the first checkpoint: the Aim run is open and has metrics."""
+    real_step = train.optimizer_step
+    calls = {"n": 0}
+
+    def step_with_ctrl_c(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "optimizer_step", step_with_ctrl_c)
+    code = train.main([*TINY, "--max-iters", "100000", "--aim", "--aim-repo",
+                       str(tmp_path / "aim"), "--runs-dir", str(tmp_path / "runs"),
+                       "--checkpoint-interval", "20"])
+    assert code == 130, capsys.readouterr().err
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert not find_aim_run(tmp_path / "aim", run_dir.name).active
 
 
-def test_broken_aim_install_is_reported_before_training(tmp_path):
+def test_broken_aim_install_is_reported_before_training(tmp_path, capsys, monkeypatch):
     fake = tmp_path / "site" / "aim"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('libaim is missing')\n")
+    # in this process, as PYTHONPATH=site would put it before the installed aim
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "aim", raising=False)
     runs = tmp_path / "runs"
-    result = run_script("train.py", *TINY, "--aim", "--runs-dir", str(runs),
-                        env={"PYTHONPATH": str(tmp_path / "site")})
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    assert train.main([*TINY, "--aim", "--runs-dir", str(runs)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "error: Aim logging was requested but aim cannot be imported (libaim is missing); "
         "install it with pip install aim, or turn it off with --no-aim"]
     assert not runs.exists()
@@ -170,8 +173,6 @@ def test_histogram_bins_count_every_value_between_min_and_max():
 
 def test_resume_continues_the_same_aim_run_and_tensorboard_log(tmp_path, capsys):
     from aim.storage.context import Context
-
-    import train
 
     args = [*TINY, "--checkpoint-interval", "20", "--aim", "--aim-repo", str(tmp_path / "aim"),
             "--runs-dir", str(tmp_path / "runs")]
