@@ -10,8 +10,9 @@ import transformers
 
 import export
 import inference
+import train
 from model import CLASSIC_ARCHITECTURE, LanguageModel, ModelConfig
-from tests.conftest import randomised, run_script
+from tests.conftest import PROJECT_ROOT, randomised, run_script
 from tokenizer import CharTokenizer
 from utils.checkpoint import load_checkpoint_model, save_export
 from utils.runs import RunPaths
@@ -99,7 +100,7 @@ def test_options_without_an_exact_layout_are_refused(options, message):
         export.layout_for(dataclasses.replace(BASE, **options))
 
 
-def test_the_command_line_exports_a_run_and_refuses_in_one_line(tmp_path):
+def test_the_command_line_exports_a_run_and_refuses_in_one_line(tmp_path, capsys):
     run = RunPaths(tmp_path / "runs" / "20260101_000000_mine")
     save_export(run.export, randomised(LanguageModel(BASE)), TOKENIZER)
     result = run_script("export.py", "--run", "latest", "--runs-dir", str(tmp_path / "runs"),
@@ -110,29 +111,28 @@ def test_the_command_line_exports_a_run_and_refuses_in_one_line(tmp_path):
     odd = RunPaths(tmp_path / "odd")
     save_export(odd.export, LanguageModel(dataclasses.replace(BASE, norm="layernorm")),
                 TOKENIZER)
-    refused = run_script("export.py", "--run", str(odd.root), "--out", str(tmp_path / "x"))
-    assert refused.returncode == 2
-    assert refused.stderr.strip().splitlines() == [
+    # in process, as the command line runs it: export.main prints the error and returns the code
+    assert export.main(["--run", str(odd.root), "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "error: cannot export norm=layernorm: with position=rope the model maps onto "
         "NanoChatForCausalLM, which has only RMSNorm; only GPT-2's and NanoChat's option sets "
         "export exactly"]
     assert not (tmp_path / "x").exists()
 
 
-def test_a_checkpoint_exports_as_well_as_the_final_weights(tmp_path, corpus_file):
-    """--checkpoint NAME exports that checkpoint's weights, here of a classic-preset run."""
+def test_a_checkpoint_exports_as_well_as_the_final_weights(tmp_path, corpus_file, capsys):
+    """--checkpoint NAME exports that checkpoint's weights, here of a classic-preset run; both
+    scripts run in process (the test above runs the command line itself)."""
     runs = tmp_path / "runs"
-    trained = run_script("train.py", "--config", "configs/presets/classic.yaml",
-                         "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
-                         "--data-path", str(corpus_file), "--max-iters", "6",
-                         "--checkpoint-interval", "3", "--eval-iters", "2", "--sample-tokens",
-                         "0", "--no-aim", "--runs-dir", str(runs))
-    assert trained.returncode == 0, trained.stderr
+    assert train.main(["--config", str(PROJECT_ROOT / "configs" / "presets" / "classic.yaml"),
+                       "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
+                       "--data-path", str(corpus_file), "--max-iters", "6",
+                       "--checkpoint-interval", "3", "--eval-iters", "2", "--sample-tokens",
+                       "0", "--no-aim", "--runs-dir", str(runs)]) == 0
     (run,) = runs.iterdir()
-    result = run_script("export.py", "--run", str(run), "--checkpoint", "step_3",
-                        "--out", str(tmp_path / "hf"))
-    assert result.returncode == 0, result.stderr
-    assert "as GPT2LMHeadModel" in result.stderr
+    assert export.main(["--run", str(run), "--checkpoint", "step_3",
+                        "--out", str(tmp_path / "hf")]) == 0
+    assert "as GPT2LMHeadModel" in capsys.readouterr().err
     model, _ = load_checkpoint_model(run / "artifacts" / "checkpoints" / "step_3.safetensors")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = torch.randint(model.config.vocab_size, (2, model.config.block_size))
