@@ -58,20 +58,29 @@ def test_the_first_evaluation_of_a_fine_tune_is_the_parents_last(parent, tmp_pat
     assert saved["train"]["max_iters"] == 4 and saved["model"]["n_embd"] == 16
 
 
-def test_a_fine_tune_can_start_from_a_named_checkpoint_on_new_text(parent, tmp_path):
+def fine_tune_in_process(parent_run: Path, tmp_path: Path, capsys, *flags: str) -> str:
+    """fine_tune's run, in this process (the test above runs the command line); its output."""
+    code = train.main([*TINY, "--init-from", str(parent_run), "--runs-dir", str(tmp_path / "runs"),
+                       *flags])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out + captured.err
+
+
+def test_a_fine_tune_can_start_from_a_named_checkpoint_on_new_text(parent, tmp_path, capsys):
     run, text, parent_output = parent
     scene = tmp_path / "scene.txt"
     scene.write_text("But soft, what light.\n" * 40, encoding="utf-8")  # within the vocabulary
-    result = fine_tune(run, tmp_path, "--init-from-checkpoint", "step_6",
-                       "--data-path", str(text), "--max-iters", "2", "--eval-interval", "2")
-    assert result.returncode == 0, result.stderr
-    assert evaluations(result.stdout + result.stderr)[0] == evaluations(parent_output)[6]
+    output = fine_tune_in_process(run, tmp_path, capsys, "--init-from-checkpoint", "step_6",
+                                  "--data-path", str(text), "--max-iters", "2",
+                                  "--eval-interval", "2")
+    assert evaluations(output)[0] == evaluations(parent_output)[6]
     (child,) = (tmp_path / "runs").iterdir()
     recorded = json.loads((child / "meta" / "parent.json").read_text())
     assert recorded["checkpoint"] == str(run / "artifacts" / "checkpoints" / "step_6.safetensors")
-    other = fine_tune(run, tmp_path, "--data-path", str(scene), "--max-iters", "2",
-                      "--dropout", "0.1")  # dropout may differ: it is not part of the shape
-    assert other.returncode == 0, other.stderr
+    # dropout may differ: it is not part of the shape
+    fine_tune_in_process(run, tmp_path, capsys, "--data-path", str(scene), "--max-iters", "2",
+                         "--dropout", "0.1")
 
 
 @pytest.mark.parametrize(
@@ -109,9 +118,7 @@ def test_fine_tune_refusals_are_one_line_and_make_no_run(parent, tmp_path, flags
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_checkpoint_name_needs_a_run_to_take_it_from(tmp_path):
-    result = run_script("train.py", "--init-from-checkpoint", "last",
-                        "--runs-dir", str(tmp_path / "runs"))
-    assert result.returncode == 2
-    assert result.stderr.strip() == ("error: --init-from-checkpoint names a checkpoint of the "
-                                     "--init-from run; pass --init-from RUN too")
+def test_a_checkpoint_name_needs_a_run_to_take_it_from(tmp_path, capsys):
+    assert train.main(["--init-from-checkpoint", "last", "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --init-from-checkpoint names a checkpoint "
+                                               "of the --init-from run; pass --init-from RUN too")
