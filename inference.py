@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from model import ConfigFieldError, SamplingConfig
+from generation import SamplingConfig
+from model import ConfigFieldError
 from tokenizer import CharTokenizer, UnknownCharactersError
 from utils import console
 from utils.config import DTYPES

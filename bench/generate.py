@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import KVCache, LanguageModel, SamplingConfig  # noqa: E402
+from generation import SamplingConfig, generate  # noqa: E402
+from model import KVCache, LanguageModel  # noqa: E402
 from utils import private_torch  # noqa: E402
 from utils.checkpoint import load_export  # noqa: E402
 from utils.decoding import (  # noqa: E402
@@ -117,7 +118,7 @@ def agreement(reference: LanguageModel, decoder: Decoder, prompt: torch.Tensor,
     """(greedy tokens equal to the reference's before the first difference, of `tokens`;
     the largest logit difference over the prompt's block, decoded token by token)."""
     ours = decoder.generate(prompt[:, :1], tokens, temperature=0)[0, 1:]
-    theirs = reference.generate(prompt[:, :1], tokens, temperature=0)[0, 1:]
+    theirs = generate(reference, prompt[:, :1], tokens, temperature=0)[0, 1:]
     differ = (ours != theirs).nonzero()
     same = tokens if len(differ) == 0 else int(differ[0])
     logit_gap = (decoded_logits(decoder, prompt) - reference(prompt)[0]).abs().max().item()

@@ -2,8 +2,8 @@
 library's ast, imports inside functions and `if __name__ == "__main__":` blocks included.
 
 Layers, bottom up; imports only go down:
-    core     tokenizer.py, model.py, token_store.py, data.py: the standard library, numpy,
-             torch, and the core files CORE_IMPORTS lists for each
+    core     tokenizer.py, model.py, generation.py, token_store.py, data.py: the standard
+             library, numpy, torch, and the core files CORE_IMPORTS lists for each
     utils/   the core and utils/
     scripts  train.py, inference.py, export.py, profile_model.py, bench/, scripts/: the core
              and utils/, never each other
@@ -20,10 +20,11 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # The core files and the project modules each may import: model.py and tokenizer.py none, so
-# each can be copied into another project alone.
+# each can be copied into another project alone; generation.py travels with model.py.
 CORE_IMPORTS: dict[str, frozenset[str]] = {
     "tokenizer": frozenset(),
     "model": frozenset(),
+    "generation": frozenset({"model"}),
     "token_store": frozenset({"tokenizer"}),
     "data": frozenset({"tokenizer", "token_store"}),
 }

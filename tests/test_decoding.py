@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from generation import generate
 from model import (
     CLASSIC_ARCHITECTURE,
     CausalSelfAttention,
@@ -32,9 +33,9 @@ def test_float32_decode_weights_compute_the_same_model(tiny_config, options):
     with torch.no_grad():
         torch.testing.assert_close(prepared(idx)[0], model(idx)[0], atol=1e-5, rtol=0)
     prompt = idx[:, :3]
-    greedy = model.generate(prompt, 500, temperature=0)
-    assert torch.equal(prepared.generate(prompt, 500, temperature=0), greedy)
-    assert torch.equal(prepared.generate(prompt, 500, temperature=0, use_cache=False), greedy)
+    greedy = generate(model, prompt, 500, temperature=0)
+    assert torch.equal(generate(prepared, prompt, 500, temperature=0), greedy)
+    assert torch.equal(generate(prepared, prompt, 500, temperature=0, use_cache=False), greedy)
     assert all(not isinstance(m, torch.nn.Linear) for m in prepared.modules())
     assert any(isinstance(m, torch.nn.Linear) for m in model.modules())  # the original is kept
     assert model.config == dataclasses.replace(tiny_config, **options)
@@ -54,7 +55,7 @@ def test_compiled_models_of_one_shape_each_decode_their_own_eager_tokens(tiny_co
     decoders = [compiled_for_decoding(model) for model in models]
     prompt = torch.randint(config.vocab_size, (2, 3), generator=torch.Generator().manual_seed(0))
     tokens = 3 * config.block_size
-    greedy = [model.generate(prompt, tokens, temperature=0) for model in models]
+    greedy = [generate(model, prompt, tokens, temperature=0) for model in models]
     assert not torch.equal(greedy[0], greedy[1])
     private_torch.reset_compiled_graphs()  # no graph of an earlier test's model
     with private_torch.recompiles_refused():
@@ -90,7 +91,7 @@ def test_a_second_batch_size_compiles_its_own_graph_and_decodes_the_eager_tokens
     private_torch.reset_compiled_graphs()  # no graph of an earlier test's model
     for batch in (prompt[:1], prompt):
         assert torch.equal(decoder.generate(batch, 2 * tiny_config.block_size, temperature=0),
-                           model.generate(batch, 2 * tiny_config.block_size, temperature=0))
+                           generate(model, batch, 2 * tiny_config.block_size, temperature=0))
     with private_torch.recompiles_refused() as recompile_error:
         with pytest.raises(recompile_error):
             decoder.generate(prompt[:2], 2, temperature=0)  # its first step compiles

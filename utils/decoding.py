@@ -31,13 +31,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import CausalSelfAttention, KVCache, LanguageModel, ModelConfig, SamplingConfig
+import generation
+from model import CausalSelfAttention, KVCache, LanguageModel, ModelConfig
 from utils import console, private_torch
 
 DecodeWeights = Literal["float32", "bfloat16", "int8", "int8-dynamic"]
 # choosing a CPU layout: the fastest of a few decode steps of each, in alternating rounds
 LAYOUT_TIMING_STEPS, LAYOUT_TIMING_ROUNDS = 4, 3
-
 
 
 @dataclass(frozen=True)
@@ -53,16 +53,17 @@ class Decoder:
         return (self.compiled_step or self.model)(idx, cache=cache)
 
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int,
-                        sampling: SamplingConfig | None = None,
+                        sampling: generation.SamplingConfig | None = None,
                         generator: torch.Generator | None = None,
                         use_cache: bool = True) -> Iterator[torch.Tensor]:
-        """LanguageModel.generate_stream, the cached steps through the compiled step."""
-        return self.model.generate_stream(idx, max_new_tokens, sampling, generator, use_cache,
-                                          step=self.compiled_step)
+        """generation.generate_stream, the cached steps through the compiled step."""
+        return generation.generate_stream(self.model, idx, max_new_tokens, sampling, generator,
+                                          use_cache, step=self.compiled_step)
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling: Any) -> torch.Tensor:
-        """LanguageModel.generate, the cached steps through the compiled step."""
-        return self.model.generate(idx, max_new_tokens, step=self.compiled_step, **sampling)
+        """generation.generate, the cached steps through the compiled step."""
+        return generation.generate(self.model, idx, max_new_tokens, step=self.compiled_step,
+                                   **sampling)
 
 
 def cpu_decoder(model: LanguageModel, weights: DecodeWeights, batch_size: int,

@@ -21,6 +21,7 @@ from torch.autograd.profiler import record_function
 from tqdm import tqdm
 
 from data import BatchSampler, windows_at
+from generation import generate
 from model import LanguageModel
 from utils import console, distributed
 from utils.checkpoint import TrainingState
@@ -260,6 +261,6 @@ def sample_text(model: LanguageModel, setup: Setup, num_tokens: int) -> str:
     generator = torch.Generator(device=setup.device).manual_seed(setup.config.train.seed)
     was_training = model.training
     model.eval()
-    ids = model.generate(prompt, num_tokens, temperature=0.8, generator=generator)
+    ids = generate(model, prompt, num_tokens, temperature=0.8, generator=generator)
     model.train(was_training)
     return tokenizer.decode(ids[0, 1:].tolist())
