@@ -76,10 +76,11 @@ class Muon(torch.optim.Muon):
     matrix of one shape at once, and optionally NorMuon's per-neuron normalisation.
 
     torch's own step orthogonalises in bfloat16, one matrix at a time. A CPU without native
-    bfloat16 matrix products (AVX2 only) runs those ~50x slower than float32: Muon took 790 of
-    the default run's 1,046 ms per step there (BENCHMARKS.md). On a GPU each matrix's ~20 small
-    kernels are launched from the host one by one. The algorithm, the settings, the param
-    groups and the state (one momentum buffer per matrix) are torch's, so checkpoints are too.
+    bfloat16 matrix products (AVX2 only) runs those far slower than float32, enough for Muon to
+    take most of a default training step there (BENCHMARKS.md, Profiling); on a GPU each
+    matrix's many small kernels are launched from the host one by one. The algorithm, the
+    settings, the param groups and the state (one momentum buffer per matrix) are torch's, so
+    checkpoints are too.
 
     With neuron_beta2 set (NorMuon, Li et al. 2025), each row of an orthogonalised update (one
     output neuron) is divided by the RMS of that row's recent updates, an average with decay
