@@ -55,7 +55,7 @@ CLASSIC_ARCHITECTURE: dict[str, Any] = {
 @dataclass(frozen=True)
 class ModelConfig:
     """The model's shape and architecture. The defaults are the default run's: small enough
-    to train on a 2-core CPU in about 5 minutes.
+    to train on a laptop CPU within the default time budget.
 
     Two option sets match public layouts exactly: CLASSIC_ARCHITECTURE is GPT-2's (learned
     positions, LayerNorm, exact GELU, tied head); the defaults are Hugging Face NanoChat's

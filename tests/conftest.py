@@ -28,8 +28,8 @@ BIN = Path(sys.executable).parent  # the environment's commands: aim, tensorboar
 def share_cores_among_workers() -> None:
     """Under `pytest -n N` (make test), give this worker and every process its tests start
     (through OMP_NUM_THREADS) an equal share of the cores. Each would otherwise run one thread
-    per core, and OpenMP threads that outnumber the cores spin against each other: two workers
-    on two cores took 12 min 41 s that way, against 4 min 24 s with one thread each."""
+    per core, and OpenMP threads that outnumber the cores spin against each other and make the
+    suite several times slower."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -41,8 +41,8 @@ def test_muon_steps_as_torch_muon_does(dtype):
 
 
 def test_muon_orthogonalises_in_float32_on_the_cpu(tiny_config):
-    """bfloat16 matrix products are ~50x slower than float32 on a CPU without native bfloat16
-    (AVX2): torch's own Muon spent 3/4 of a default step there."""
+    """bfloat16 matrix products are far slower than float32 on a CPU without native bfloat16
+    (AVX2), where torch's own Muon spent most of a default step (BENCHMARKS.md)."""
     optimizer = build_optimizer(LanguageModel(tiny_config), TrainConfig(optimizer="muon"),
                                 torch.device("cpu"))
     assert optimizer.parts[0].orthogonalize_dtype == torch.float32
