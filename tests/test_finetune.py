@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 from pathlib import Path
@@ -17,17 +19,20 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16
 
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory) -> tuple[Path, Path, str]:
-    """A finished run on a small text: (its folder, the text, its output)."""
+    """A finished run on a small text, trained in this process: (its folder, the text, its
+    output)."""
     root = tmp_path_factory.mktemp("finetune")
     text = root / "play.txt"
     text.write_text("".join(f"ROMEO.\nBut soft, what light through yonder window {i % 5}.\n"
                             for i in range(300)), encoding="utf-8")
-    result = run_script("train.py", *TINY, "--data-path", str(text), "--max-iters", "12",
-                        "--eval-interval", "6", "--checkpoint-interval", "6",
-                        "--runs-dir", str(root / "runs"), "--run-tag", "parent")
-    assert result.returncode == 0, result.stderr
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+        code = train.main([*TINY, "--data-path", str(text), "--max-iters", "12",
+                           "--eval-interval", "6", "--checkpoint-interval", "6",
+                           "--runs-dir", str(root / "runs"), "--run-tag", "parent"])
+    assert code == 0, output.getvalue()
     (run,) = (root / "runs").iterdir()
-    return run, text, result.stdout + result.stderr
+    return run, text, output.getvalue()
 
 
 def fine_tune(parent_run: Path, tmp_path: Path, *flags: str):
