@@ -25,7 +25,7 @@ from utils.decoding import StreamedAttention, compiled_for_decoding, prepared_fo
 @pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
 def test_float32_decode_weights_compute_the_same_model(tiny_config, options):
     """prepared_for_decoding only changes the weights' layout: the logits agree to float32
-    rounding, cached decoding stays exact, and 500 greedy tokens (well past block_size) are
+    rounding, cached decoding stays exact, and 100 greedy tokens (well past block_size) are
     the plain model's."""
     model = randomised(LanguageModel(dataclasses.replace(tiny_config, **options))).eval()
     prepared = prepared_for_decoding(model, "float32")
@@ -33,9 +33,9 @@ def test_float32_decode_weights_compute_the_same_model(tiny_config, options):
     with torch.no_grad():
         torch.testing.assert_close(prepared(idx)[0], model(idx)[0], atol=1e-5, rtol=0)
     prompt = idx[:, :3]
-    greedy = generate(model, prompt, 500, temperature=0)
-    assert torch.equal(generate(prepared, prompt, 500, temperature=0), greedy)
-    assert torch.equal(generate(prepared, prompt, 500, temperature=0, use_cache=False), greedy)
+    greedy = generate(model, prompt, 100, temperature=0)
+    assert torch.equal(generate(prepared, prompt, 100, temperature=0), greedy)
+    assert torch.equal(generate(prepared, prompt, 100, temperature=0, use_cache=False), greedy)
     assert all(not isinstance(m, torch.nn.Linear) for m in prepared.modules())
     assert any(isinstance(m, torch.nn.Linear) for m in model.modules())  # the original is kept
     assert model.config == dataclasses.replace(tiny_config, **options)
@@ -46,10 +46,11 @@ def test_compiled_models_of_one_shape_each_decode_their_own_eager_tokens(tiny_co
     in one process: each one's greedy output equals its eager model's well past block_size
     (window restarts included), for a batch, from one graph compiled at its first step for
     every position, and again after the other compiled; the originals are left uncompiled.
-    Each graph holds its own packed copies of the matrices: zeroed after compiling, they
-    change an eager forward but not the compiled step. The ids may be a column of a longer
-    tensor (other strides) without another compile. inference.py's tests compile the default
-    layout."""
+    A second batch size compiles a graph of its own size, which decodes the eager tokens
+    too, so a third batch size compiles again rather than reusing it. Each graph holds its own
+    packed copies of the matrices: zeroed after compiling, they change an eager forward but
+    not the compiled step. The ids may be a column of a longer tensor (other strides) without
+    another compile. inference.py's tests compile the default layout for one sample."""
     config = dataclasses.replace(tiny_config, **CLASSIC_ARCHITECTURE)
     models = [randomised(LanguageModel(config), seed).eval() for seed in (0, 1)]
     decoders = [compiled_for_decoding(model) for model in models]
@@ -63,6 +64,13 @@ def test_compiled_models_of_one_shape_each_decode_their_own_eager_tokens(tiny_co
     assert torch.equal(decoders[1].generate(prompt, tokens, temperature=0), greedy[1])
     assert torch.equal(decoders[0].generate(prompt, tokens, temperature=0), greedy[0])
     assert all(type(block.attn) is CausalSelfAttention for m in models for block in m.blocks)
+
+    batch = torch.randint(config.vocab_size, (3, 2), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(decoders[1].generate(batch, tokens, temperature=0),
+                       generate(models[1], batch, tokens, temperature=0))
+    with private_torch.recompiles_refused() as recompile_error:
+        with pytest.raises(recompile_error):
+            decoders[1].generate(batch[:1], 2, temperature=0)  # its first step compiles
 
     decoder, cache = decoders[0], KVCache(config, 2)
     ids = prompt[:, 1:2]
@@ -78,23 +86,6 @@ def test_compiled_models_of_one_shape_each_decode_their_own_eager_tokens(tiny_co
         eager = decoder.model(ids, cache=cache)[0]
     assert torch.equal(after, before)
     assert not torch.equal(eager, before)
-
-
-def test_a_second_batch_size_compiles_its_own_graph_and_decodes_the_eager_tokens(tiny_config):
-    """One compiled copy decodes one sample, then a batch of three, each greedy output equal
-    to the eager model's past block_size; the batch's graph is one of its own size, so a
-    third batch size compiles again rather than reusing it."""
-    model = randomised(LanguageModel(tiny_config)).eval()
-    decoder = compiled_for_decoding(model)
-    prompt = torch.randint(tiny_config.vocab_size, (3, 2),
-                           generator=torch.Generator().manual_seed(0))
-    private_torch.reset_compiled_graphs()  # no graph of an earlier test's model
-    for batch in (prompt[:1], prompt):
-        assert torch.equal(decoder.generate(batch, 2 * tiny_config.block_size, temperature=0),
-                           generate(model, batch, 2 * tiny_config.block_size, temperature=0))
-    with private_torch.recompiles_refused() as recompile_error:
-        with pytest.raises(recompile_error):
-            decoder.generate(prompt[:2], 2, temperature=0)  # its first step compiles
 
 
 @pytest.mark.parametrize("past", [0, 3, 5])
@@ -136,11 +127,12 @@ def test_compiled_bfloat16_decoding_stays_close_to_float32(tiny_config, seed):
     """Compiled with bfloat16 weights, the decode steps move the logits by a small fraction
     of their spread, as bfloat16 weights do eager; the prefill keeps float32's. Two models of
     one shape, compiled one after the other, each decode with their own weights."""
-    model = randomised(LanguageModel(tiny_config), seed).eval()
+    config = dataclasses.replace(tiny_config, n_layer=1)  # a smaller graph compiles sooner
+    model = randomised(LanguageModel(config), seed).eval()
     decoder = compiled_for_decoding(model, "bfloat16")
-    idx = torch.randint(tiny_config.vocab_size, (1, tiny_config.block_size),
+    idx = torch.randint(config.vocab_size, (1, config.block_size),
                         generator=torch.Generator().manual_seed(0))
-    cache = KVCache(tiny_config, 1)
+    cache = KVCache(config, 1)
     with torch.no_grad():
         reference = model(idx)[0][0]
         logits = [decoder.model(idx[:, :1], cache=cache)[0][0]]  # the eager prefill

@@ -234,11 +234,11 @@ def test_cpu_only_decoding_flags_are_refused_on_a_gpu(exported_run, capsys, monk
     assert err.strip().startswith(f"error: {message}")
 
 
-@pytest.mark.parametrize("sampling", [["--temperature", "0"], ["--seed", "3"]])
-def test_compiled_cpu_decoding_writes_the_eager_text(exported_run, capsys, sampling):
-    """Greedy, or sampled with a seed: --compile writes the text the eager model writes."""
+def test_compiled_cpu_decoding_writes_the_eager_text(exported_run, capsys):
+    """Sampled with a seed, --compile writes the text the eager model writes (greedy tokens
+    are pinned for compiled steps in tests/test_decoding.py)."""
     base = ["--run", str(exported_run), "--max-new-tokens", "40", "--prompt", "ab",
-            "--device", "cpu", *sampling]
+            "--device", "cpu", "--seed", "3"]
     code, eager, err = run_inference(capsys, *base)
     assert code == 0, err
     code, compiled, err = run_inference(capsys, *base, "--compile")

@@ -80,12 +80,11 @@ def test_tiny_training_run_learns_exports_and_fills_its_run_folder(tmp_path):
     assert [e.step for e in events.Scalars("val/loss")] == [150, 300]
 
 
-def test_missing_data_file_exits_2_and_creates_no_run(tmp_path):
+def test_missing_data_file_exits_2_and_creates_no_run(tmp_path, capsys):
     runs = tmp_path / "runs"
-    result = run_script("train.py", "--data-path", str(tmp_path / "nope.txt"),
-                        "--runs-dir", str(runs))
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    code = train.main(["--data-path", str(tmp_path / "nope.txt"), "--runs-dir", str(runs)])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"error: data file {tmp_path / 'nope.txt'} does not exist; pass --data-path a text "
         "file, a folder of .txt files, a glob or a .jsonl file"]
     assert not runs.exists()
@@ -231,15 +230,15 @@ def test_the_report_shows_the_last_evaluations_sample_of_the_same_weights(tiny_c
     assert f"--- sample ---\n{fresh}\n" in capsys.readouterr().out
 
 
-def test_eval_full_scores_the_whole_val_split_and_every_run_reports_it(tmp_path):
-    result = run_script("train.py", *TINY, "--max-iters", "40", "--eval-interval", "20",
-                        "--eval-full", "--runs-dir", str(tmp_path / "runs"))
-    assert result.returncode == 0, result.stderr
-    assert re.search(r"step 20: train loss \d+\.\d+, val loss \d+\.\d+ \(full split\)",
-                     result.stderr)
+def test_eval_full_scores_the_whole_val_split_and_every_run_reports_it(tmp_path, capsys):
+    code = train.main([*TINY, "--max-iters", "40", "--eval-interval", "20", "--eval-full",
+                       "--runs-dir", str(tmp_path / "runs")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert re.search(r"step 20: train loss \d+\.\d+, val loss \d+\.\d+ \(full split\)", err)
     # the last evaluation and the end-of-run score see the same model and the same windows
-    last = re.search(r"step 40: train loss [\d.]+, val loss ([\d.]+)", result.stderr).group(1)
-    final = re.search(r"val loss [\d.]+, full-split val loss ([\d.]+)", result.stdout)
+    last = re.search(r"step 40: train loss [\d.]+, val loss ([\d.]+)", err).group(1)
+    final = re.search(r"val loss [\d.]+, full-split val loss ([\d.]+)", out)
     assert final.group(1) == last
 
 
