@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import train
 from data import (
     BatchSampler,
     DataError,
@@ -120,12 +121,12 @@ def test_each_unusable_corpus_is_one_data_error(tmp_path, files, data_path, mess
     assert stores == []  # nothing half-built is left to trust
 
 
-def test_a_bad_corpus_is_one_line_and_exit_2_from_the_command_line(tmp_path):
+def test_a_bad_corpus_is_one_line_and_exit_2_from_the_command_line(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\nnot json\n')
-    result = run_script("train.py", "--data-path", str(tmp_path / "bad.jsonl"),
-                        "--runs-dir", str(tmp_path / "runs"))
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    code = train.main(["--data-path", str(tmp_path / "bad.jsonl"),
+                       "--runs-dir", str(tmp_path / "runs")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {tmp_path / 'bad.jsonl'} line 2 is not JSON (Expecting value)"]
     assert not (tmp_path / "runs").exists()
 
