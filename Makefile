@@ -15,9 +15,9 @@ train: $(BIN)/.installed
 	$(BIN)/python train.py $(ARGS)
 
 # one worker per core; each test file stays on one worker, so its module fixtures (the
-# reference runs) are built once
+# reference runs) are built once; files go out longest first (tests/conftest.py)
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -n auto --dist loadfile $(ARGS)
+	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

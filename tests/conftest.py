@@ -146,3 +146,18 @@ def final_hparams(run_dir: Path) -> dict[str, object]:
     content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
     return {name: json_format.MessageToDict(value) for name, value in start.hparams.items()}
+
+
+# make test hands whole files to one worker per core in collection order (--dist loadfile
+# --no-loadscope-reorder): the files that take longest go first, so that no long file starts
+# when the other worker is nearly done. Each file keeps the order of its own tests.
+LONGEST_FIRST = ("test_decoding.py", "test_distributed.py", "test_resume.py", "test_inference.py",
+                 "test_train.py", "test_tracking.py", "test_data.py", "test_budget.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # a stable sort
