@@ -1,5 +1,5 @@
 """Raw config values (YAML, JSON, env vars, flags) turned into the types of the config fields,
-and the words and flag placeholders that describe those types.
+and the words and argparse metavars (such as INT or SECONDS) that describe those types.
 
     convert(int | None, {}, "none", from_text=True)     # None
     convert(float, {}, 3, from_text=False)               # 3.0: a file's int is a float
@@ -102,7 +102,7 @@ def describe_type(annotation: Any) -> str:
 
 
 def metavar(name: str, annotation: Any, metadata: Mapping[str, Any]) -> str:
-    """The placeholder a field's flag shows in --help."""
+    """The argparse metavar of a field's flag: the value name --help shows, such as INT."""
     if "parse" in metadata:
         return "SECONDS"
     if typing.get_origin(annotation) is Literal:
