@@ -27,6 +27,7 @@ from tokenizer import CharTokenizer
 from utils import console
 from utils.config_loader import ArgumentParser
 from utils.errors import UserError
+from utils.output_paths import check_output_folder
 from utils.runs import load_run_model
 
 CLASSES = {"gpt2": "GPT2LMHeadModel", "nanochat": "NanoChatForCausalLM"}
@@ -171,7 +172,13 @@ def export(model: LanguageModel, tokenizer: CharTokenizer, out: Path) -> None:
         raise
 
 
-def run_export(argv: Sequence[str]) -> int:
+def is_export_folder(path: Path) -> bool:
+    """Whether path holds a transformers model folder (config.json and its weights), such as
+    an earlier export, which a new export may replace."""
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__, allow_abbrev=False,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="latest",
@@ -182,7 +189,12 @@ def run_export(argv: Sequence[str]) -> int:
                         help="export a training checkpoint (last, best or step_N) instead of "
                              "the run's final export")
     parser.add_argument("--out", type=Path, required=True, help="folder to write")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_export(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    check_output_folder(args.out, "--out", replaceable=is_export_folder)
     saved = load_run_model(args.run, args.runs_dir, args.checkpoint)
     model, tokenizer = saved.model, saved.tokenizer
     layout = layout_for(model.config)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import ConfigFieldError, KVCache, LanguageModel
+from model import ConfigFieldError, KVCache, LanguageModel, check_field_values
 
 # runs one cached step: step(ids (B, 1), cache=cache) -> (logits (B, 1, vocab), None)
 DecodeStep = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
@@ -33,6 +33,7 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
+        check_field_values(self)
         if self.temperature < 0:
             raise ConfigFieldError(
                 f"temperature must be >= 0 (0 = greedy), got {self.temperature}", "temperature"

@@ -18,7 +18,7 @@ from generation import SamplingConfig
 from model import ConfigFieldError
 from tokenizer import CharTokenizer, UnknownCharactersError
 from utils import console
-from utils.config import DTYPES
+from utils.config import DTYPES, MAX_SEED
 from utils.config_loader import ArgumentParser
 from utils.decoding import Decoder, compile_decode_step, cpu_decoder, decode_weights
 from utils.device import autocast, resolve_device, resolve_dtype
@@ -166,6 +166,8 @@ def check_args(args: argparse.Namespace) -> SamplingConfig:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, "
                             f"got {getattr(args, name)}")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
     try:
         return SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p,
                               args.repetition_penalty)
@@ -197,6 +199,11 @@ def generate(argv: Sequence[str]) -> int:
                         "weights' precision; pass one of them")
     saved = load_run_model(args.run, args.runs_dir, args.checkpoint, device)
     tokenizer, decoder = saved.tokenizer, Decoder(saved.model)
+    try:  # checked before a decoding copy is made (and perhaps compiled)
+        prompt_ids = torch.tensor([tokenizer.encode(prompt)] * args.num_samples, device=device)
+    except UnknownCharactersError as error:
+        raise UserError(f"the prompt has {error}; the model knows only the characters of its "
+                        "training text") from None
     if device.type == "cpu":
         # weights laid out once for decoding; bfloat16 and int8 live in the weights, so the
         # activations stay float32 and need no autocast
@@ -207,11 +214,6 @@ def generate(argv: Sequence[str]) -> int:
             # compiled before generating, so the decode rate reported is the steps' alone
             console.info(f"compiled the decode step in "
                          f"{compile_decode_step(decoder, args.num_samples):.1f} s")
-    try:
-        prompt_ids = torch.tensor([tokenizer.encode(prompt)] * args.num_samples, device=device)
-    except UnknownCharactersError as error:
-        raise UserError(f"the prompt has {error}; the model knows only the characters of its "
-                        "training text") from None
     seed = args.seed if args.seed is not None else torch.seed() % 2**32
     generator = torch.Generator(device=device).manual_seed(seed)
 

@@ -32,13 +32,18 @@ class ConfigFieldError(ValueError):
         self.fields = fields
 
 
-def check_choices(config: Any) -> None:
+def check_field_values(config: Any) -> None:
     """Raise a ConfigFieldError for a dataclass field typed Literal[...] whose value is not one
-    of its choices (a loader checks flags already; this also covers configs built in code)."""
+    of its choices, or a float field (or optional one) that is nan or infinite: no setting
+    means anything at inf, and a nan passes every range check (a loader checks flags already;
+    this also covers configs built in code)."""
     for name, annotation in typing.get_type_hints(type(config)).items():
+        value = getattr(config, name)
         allowed = typing.get_args(annotation)
-        if typing.get_origin(annotation) is Literal and getattr(config, name) not in allowed:
+        if typing.get_origin(annotation) is Literal and value not in allowed:
             raise ConfigFieldError(f"{name} must be one of {', '.join(allowed)}", name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigFieldError(f"{name} must be a finite number, got {value}", name)
 
 
 RMS_NORM_EPS = 1e-6  # NanoChat's rms_norm_eps, so the modern layout maps onto it exactly
@@ -105,6 +110,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
+        check_field_values(self)
         for name in ("block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ConfigFieldError(f"{name} must be at least 1", name)
@@ -123,7 +129,6 @@ class ModelConfig:
                 f"position=rope needs an even head size, but n_embd={self.n_embd} / "
                 f"n_head={self.n_head} = {self.head_dim}", "position", "n_embd", "n_head",
             )
-        check_choices(self)
         if self.logit_softcap is not None and self.logit_softcap <= 0:
             raise ConfigFieldError("logit_softcap must be > 0 (or none)", "logit_softcap")
 

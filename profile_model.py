@@ -26,6 +26,7 @@ from utils.checkpoint import CheckpointError
 from utils.config_loader import ConfigLoader
 from utils.device import measure_matmul_flops, synchronize
 from utils.errors import UserError
+from utils.output_paths import check_output_folder
 from utils.runs import command_line, create_run, write_metadata
 from utils.setup import Setup, build_setup
 from utils.training import init_state, optimizer_step
@@ -140,6 +141,8 @@ def profile_model(argv: Sequence[str]) -> int:
     args = build_parser(loader).parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         raise UserError("--steps must be at least 1 and --warmup at least 0")
+    if args.out is not None:
+        check_output_folder(args.out, "--out")
     setup = build_setup(load_config(loader, args))
     out = output_folder(args, setup, argv)
     state = init_state(setup)

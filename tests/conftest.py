@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from google.protobuf import json_format
+from hypothesis import HealthCheck, settings
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -39,6 +40,17 @@ def share_cores_among_workers() -> None:
 
 
 share_cores_among_workers()
+
+# Generated inputs (tests/test_generated_inputs.py): the default profile runs the same few
+# examples every time, so a red run is the code's doing, not the draw's; the long one draws
+# thousands afresh (pytest --hypothesis-profile=long)
+HYPOTHESIS_CHECKS_OFF = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                         HealthCheck.differing_executors]
+settings.register_profile("quick", max_examples=30, deadline=None, derandomize=True,
+                          database=None, suppress_health_check=HYPOTHESIS_CHECKS_OFF)
+settings.register_profile("long", max_examples=2000, deadline=None,
+                          suppress_health_check=HYPOTHESIS_CHECKS_OFF)
+settings.load_profile("quick")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -118,7 +118,7 @@ def test_bad_type_names_field_value_and_source(tmp_path):
                                           r"\(from env CHARGPT_BATCH_SIZE\)"):
         load(loader)
     loader = make_loader(tmp_path, config_json={"dropout": "high"})
-    with pytest.raises(ConfigError, match=r"dropout: expected a number, got 'high' \(from "
+    with pytest.raises(ConfigError, match=r"dropout: expected a finite number, got 'high' \(from "
                                           r"./config.json\)"):
         load(loader)
 

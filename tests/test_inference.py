@@ -107,7 +107,7 @@ def test_bad_input_gets_one_line_and_exit_2(exported_run, tmp_path, capsys):
         (["--run", run, "--temperature", "-0.5"], "--temperature: temperature must be >= 0"),
         (["--run", run, "--prompt", "ZQ!"], r"the prompt has 3 character\(s\) outside the "
                                             r"vocabulary: '!', 'Q', 'Z'"),
-        (["--run", run, "--top-k", "x"], "invalid int value"),
+        (["--run", run, "--top-k", "x"], "argument --top-k: expected an integer, got 'x'"),
         (["--run", run, "--quantize", "int8", "--dtype", "bfloat16"],
          "--quantize int8 and --dtype bfloat16 each set the weights' precision; pass one of them"),
         (["--run", run, "--quantize", "int4"], "argument --quantize: invalid choice: 'int4'"),

@@ -18,15 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from model import CLASSIC_ARCHITECTURE, ConfigFieldError, ModelConfig, check_choices
+from model import CLASSIC_ARCHITECTURE, ConfigFieldError, ModelConfig, check_field_values
 from utils.config_values import parse_duration
+from utils.device import DEVICE_PATTERN, DEVICE_WORDS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = typing.get_args(DType)
-DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # two ways to say how long to train: the one set at the higher config layer wins
 LENGTH_FIELDS = ("max_iters", "time_budget")
+MAX_SEED = 2**32 - 1
 RUN_TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -46,8 +47,9 @@ class TrainConfig:
         default="text", metadata=_help("the field of each JSONL record that holds its text")
     )
     token_cache: str = field(
-        default=".cache/tokens", metadata=_help("folder of token stores: each corpus is "
-                                                "tokenised once, then memory-mapped")
+        default=".cache/tokens", metadata={"help": "folder of token stores: each corpus is "
+                                                   "tokenised once, then memory-mapped",
+                                           "output_folder": True}
     )
     train_split: float = field(
         default=0.9, metadata=_help("fraction of the text used for training; the rest validates")
@@ -148,7 +150,8 @@ class TrainConfig:
         default=False, metadata={"help": "also track the run in Aim", "aliases": ("--aim",)}
     )
     aim_repo: str | None = field(
-        default=None, metadata=_help("folder holding the Aim repo (.aim); none = the project root")
+        default=None, metadata={"help": "folder holding the Aim repo (.aim); none = the project "
+                                        "root", "output_folder": True}
     )
     checkpoint_interval: int | None = field(
         default=250, metadata=_help("steps between checkpoints; none = only the best and the end")
@@ -183,10 +186,11 @@ class TrainConfig:
     )
     compile: bool = field(default=False, metadata=_help("torch.compile the model"))
     run_tag: str = field(default="run", metadata=_help("suffix of the run folder name"))
-    runs_dir: str = field(default="runs", metadata=_help("folder holding one folder per run"))
+    runs_dir: str = field(default="runs", metadata={"help": "folder holding one folder per run",
+                                                     "output_folder": True})
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        check_field_values(self)
         positive = ("batch_size", "grad_accum_steps", "max_iters", "eval_interval",
                     "eval_iters", "log_interval")
         for name in positive:
@@ -217,6 +221,8 @@ class TrainConfig:
             raise ConfigFieldError("peak_flops must be > 0 (or none to measure)", "peak_flops")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigFieldError("num_threads must be at least 1 (or none)", "num_threads")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigFieldError(f"seed must be in [0, {MAX_SEED}] (numpy's seeds)", "seed")
         if self.max_nonfinite_steps < 1:
             raise ConfigFieldError("max_nonfinite_steps must be at least 1", "max_nonfinite_steps")
         if self.min_delta < 0:
@@ -242,9 +248,7 @@ class TrainConfig:
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigFieldError("grad_clip must be > 0 (or none to disable)", "grad_clip")
         if not DEVICE_PATTERN.fullmatch(self.device):
-            raise ConfigFieldError(
-                "device must be auto, cpu, mps, cuda or cuda:N", "device"
-            )
+            raise ConfigFieldError(f"device must be {DEVICE_WORDS}", "device")
         if not RUN_TAG_PATTERN.fullmatch(self.run_tag):
             raise ConfigFieldError(
                 "run_tag may hold letters, digits, '.', '_' and '-' and must start with a "
@@ -302,3 +306,9 @@ USER_FIELDS: dict[str, type] = {
     **{f.name: ModelConfig for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"},
     **{f.name: TrainConfig for f in dataclasses.fields(TrainConfig)},
 }
+
+# Fields naming a folder the run writes to: the loader checks each can be written before any
+# work starts (utils/output_paths.py)
+OUTPUT_FOLDER_FIELDS = tuple(name for name, section in USER_FIELDS.items()
+                             for f in dataclasses.fields(section)
+                             if f.name == name and f.metadata.get("output_folder"))

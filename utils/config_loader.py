@@ -33,14 +33,16 @@ from model import ConfigFieldError, ModelConfig
 from utils.config import (
     FINE_TUNABLE_MODEL_FIELDS,
     LENGTH_FIELDS,
+    OUTPUT_FOLDER_FIELDS,
     RESUMABLE_FIELDS,
     SETTINGS_BEFORE_OPTIONS,
     USER_FIELDS,
     Config,
     TrainConfig,
 )
-from utils.config_values import convert, describe_expected, format_value, metavar
+from utils.config_values import convert, describe_expected, finite, format_value, metavar
 from utils.errors import UserError
+from utils.output_paths import check_output_folder
 
 ENV_PREFIX = "CHARGPT_"
 
@@ -89,7 +91,7 @@ class ConfigLoader:
 
     def load(self, args: argparse.Namespace) -> Config:
         merged = self._merge(self._base_layers() + self._user_layers(args))
-        return Config(model=_build(ModelConfig, merged), train=_build(TrainConfig, merged))
+        return _build_config(merged)
 
     def load_for_resume(self, saved: Mapping[str, Mapping[str, Any]], args: argparse.Namespace,
                         only_resumable_changes: bool = True) -> Config:
@@ -120,7 +122,7 @@ class ConfigLoader:
                     f"data and optimizer; start a new run instead. Resumable settings: "
                     f"{', '.join(sorted(RESUMABLE_FIELDS))}"
                 )
-        return Config(model=_build(ModelConfig, merged), train=_build(TrainConfig, merged))
+        return _build_config(merged)
 
     def load_for_fine_tune(self, parent: ModelConfig, args: argparse.Namespace) -> Config:
         """Defaults and these flags, with the model shape of the run being fine-tuned: a flag
@@ -137,7 +139,7 @@ class ConfigLoader:
                     f"fine-tuning: the run being fine-tuned has {key}={format_value(value)}, and "
                     "fine-tuning keeps its model shape; leave it out"
                 )
-        return Config(model=_build(ModelConfig, merged), train=_build(TrainConfig, merged))
+        return _build_config(merged)
 
     def _user_layers(self, args: argparse.Namespace) -> list[_Layer]:
         """--config FILE, then CHARGPT_* environment variables, then flags: the layers a user
@@ -198,7 +200,24 @@ class ConfigLoader:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports bad flags as one ConfigError line instead of usage text."""
+    """argparse that reports bad flags as one ConfigError line instead of usage text, and
+    holds every flag's value to the rules of the config fields: a float flag takes only a
+    finite number, and no flag takes an empty value."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        _hold_to_the_rules(action)
+        return action
+
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> argparse._ArgumentGroup:
+        group = super().add_argument_group(*args, **kwargs)
+        _hold_group_to_the_rules(group)
+        return group
+
+    def add_mutually_exclusive_group(self, **kwargs: Any) -> argparse._MutuallyExclusiveGroup:
+        group = super().add_mutually_exclusive_group(**kwargs)
+        _hold_group_to_the_rules(group)
+        return group
 
     def error(self, message: str) -> typing.NoReturn:
         match = re.search(r"unrecognized arguments: (\S+)", message)
@@ -209,6 +228,38 @@ class ArgumentParser(argparse.ArgumentParser):
             hint = f"; did you mean {close[0]}?" if close else "; see --help"
             raise ConfigError(f"unknown flag {flag}{hint}")
         raise ConfigError(f"{message}; see --help")
+
+
+def _hold_to_the_rules(action: argparse.Action) -> None:
+    """Wrap the action's conversion (argparse calls `type` on each value's text) in the
+    rules; a flag without a value (store_true and the like) has nothing to check."""
+    if action.nargs == 0:
+        return
+    convert_text = action.type or str
+    expected = {int: "an integer", float: "a finite number"}.get(convert_text, "a value")
+
+    def checked(text: str) -> Any:
+        if text == "":
+            raise argparse.ArgumentTypeError("expected a value, got an empty one")
+        try:
+            value = convert_text(text)
+            return finite(value) if convert_text is float else value
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+    checked.converts = convert_text  # type: ignore[attr-defined]
+    action.type = checked
+
+
+def _hold_group_to_the_rules(group: argparse._ArgumentGroup) -> None:
+    add = group.add_argument
+
+    def add_argument(*args: Any, **kwargs: Any) -> argparse.Action:
+        action = add(*args, **kwargs)
+        _hold_to_the_rules(action)
+        return action
+
+    group.add_argument = add_argument  # type: ignore[method-assign]
 
 
 def _add_flag(group: argparse._ArgumentGroup, spec: dataclasses.Field, default: Any) -> None:
@@ -272,6 +323,17 @@ def _coerce(key: str, raw: Any, from_text: bool, source: str) -> Any:
     except ValueError:
         expected = describe_expected(annotation, metadata)
         raise ConfigError(f"{key}: expected {expected}, got {raw!r} (from {source})") from None
+
+
+def _build_config(merged: Mapping[str, tuple[Any, str]]) -> Config:
+    """The validated config, once every folder it names for writing can be written."""
+    config = Config(model=_build(ModelConfig, merged), train=_build(TrainConfig, merged))
+    for name in OUTPUT_FOLDER_FIELDS:
+        path, source = merged[name]
+        if path is not None:
+            check_output_folder(path, source if source.startswith("--") else
+                                f"{name} (from {source})")
+    return config
 
 
 def _build(section: type, merged: Mapping[str, tuple[Any, str]]) -> Any:

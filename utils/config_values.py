@@ -11,6 +11,7 @@ A field's metadata may name its own "parse" function and the "type" it expects i
 
 from __future__ import annotations
 
+import math
 import re
 import typing
 from collections.abc import Mapping
@@ -20,17 +21,18 @@ DURATION_PATTERN = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(s|m|h)?", re.IGNORECASE
 SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600}
 BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "on": True,
                  "false": False, "0": False, "no": False, "off": False}
-TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+TYPE_NAMES = {int: "an integer", float: "a finite number", bool: "true or false",
+              str: "a string"}
 
 
 def parse_duration(raw: Any) -> float:
     """Seconds from a number of seconds or text such as 300, 300s, 5m or 1.5h."""
     if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        return float(raw)
+        return finite(float(raw))
     match = DURATION_PATTERN.fullmatch(raw.strip()) if isinstance(raw, str) else None
     if match is None:
         raise ValueError(f"not a duration: {raw!r}")
-    return float(match.group(1)) * SECONDS_PER_UNIT[(match.group(2) or "s").lower()]
+    return finite(float(match.group(1)) * SECONDS_PER_UNIT[(match.group(2) or "s").lower()])
 
 
 def convert(annotation: Any, metadata: Mapping[str, Any], raw: Any, from_text: bool) -> Any:
@@ -72,15 +74,23 @@ def _as_type(base: Any, raw: Any, from_text: bool) -> Any:
         raise ValueError
     if base is float:
         if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            return float(raw)
+            return finite(float(raw))
         if from_text and isinstance(raw, str):
-            return float(raw)
+            return finite(float(raw))
         raise ValueError
     if base is str:
         if isinstance(raw, str) and raw:
             return raw
         raise ValueError
     raise AssertionError(f"no conversion for config type {base}")
+
+
+def finite(value: float) -> float:
+    """value, or a ValueError for nan or an infinity (such as YAML's .inf or a flag's 1e999):
+    every float setting is finite, and `none` turns an optional one off."""
+    if not math.isfinite(value):
+        raise ValueError(f"not finite: {value}")
+    return value
 
 
 def describe_expected(annotation: Any, metadata: Mapping[str, Any]) -> str:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
+import torch
 from tqdm import tqdm
 
 from utils.distributed import current_launch
@@ -58,8 +59,9 @@ def byte_progress(total_bytes: int, title: str) -> Iterator[Callable[[int], None
 
 def run_main(body: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
     """Run a script's body; a user's error (USER_ERRORS) becomes one line on stderr and exit
-    code 2, a TrainingFailure one line and exit code 1. Anything else is a bug and keeps its
-    traceback."""
+    code 2, a TrainingFailure one line and exit code 1. So does a file system's refusal that
+    no check foresaw (OSError: a name too long, a disk that fills up), and running out of
+    memory, each with what to do. Anything else is a bug and keeps its traceback."""
     try:
         return body(argv)
     except USER_ERRORS as failure:
@@ -68,6 +70,24 @@ def run_main(body: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
     except TrainingFailure as failure:
         _report_failure(str(failure))
         return TRAINING_FAILURE_EXIT_CODE
+    except OSError as failure:
+        where = f" ({failure.filename})" if failure.filename else ""
+        _report_failure(f"the file system refused: {failure.strerror or failure}{where}; "
+                        "check the paths given and the free space")
+        return TRAINING_FAILURE_EXIT_CODE
+    except (MemoryError, RuntimeError) as failure:
+        if not is_out_of_memory(failure):
+            raise
+        _report_failure("out of memory; lower --batch-size, --block-size or the model's size "
+                        "(or --num-samples when generating)")
+        return TRAINING_FAILURE_EXIT_CODE
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch reports a CUDA allocation that failed as OutOfMemoryError, a CPU one as a
+    RuntimeError that says so."""
+    return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
+            or "can't allocate memory" in str(error))
 
 
 def exit_process(code: int) -> NoReturn:
@@ -83,8 +103,15 @@ def exit_process(code: int) -> NoReturn:
     sys.exit(code)
 
 
+def one_line(message: str) -> str:
+    """message with every unprintable character written as its escape (a newline as \\n), so
+    that whatever a user typed into it, the error stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def _report_failure(message: str) -> None:
     """Local rank 0 shows the error at once; any other process after PEER_ERROR_GRACE_S."""
+    message = one_line(message)
     launch = current_launch()
     if launch.local_rank == 0:
         _write(f"error: {message}")

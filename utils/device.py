@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import re
 import time
 
 import torch
 
 from utils.errors import UserError
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE_WORDS = "auto, cpu, mps, cuda or cuda:N"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -19,6 +23,8 @@ def resolve_device(name: str) -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    if not DEVICE_PATTERN.fullmatch(name):
+        raise UserError(f"device={name!r} is not a device: pass {DEVICE_WORDS}")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={name} but CUDA is not available here; use --device cpu or auto")
