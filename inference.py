@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 
 from generation import SamplingConfig
-from model import ConfigFieldError
+from model import ConfigFieldError, ModelConfig
 from tokenizer import CharTokenizer, UnknownCharactersError
 from utils import console
 from utils.config import DTYPES, MAX_SEED
 from utils.config_loader import ArgumentParser
 from utils.decoding import Decoder, compile_decode_step, cpu_decoder, decode_weights
-from utils.device import autocast, resolve_device, resolve_dtype
+from utils.device import autocast, check_memory, resolve_device, resolve_dtype
 from utils.errors import UserError
 from utils.runs import load_run_model
 
@@ -148,6 +148,11 @@ def stream_samples(
         yield row, stop_filter.flush()
 
 
+def cache_bytes(config: ModelConfig, batch_size: int) -> int:
+    """The float32 keys and values of a full context for batch_size samples, in bytes."""
+    return 2 * 4 * config.n_layer * batch_size * config.block_size * config.n_embd
+
+
 def read_prompt(args: argparse.Namespace) -> str:
     if args.prompt_file is None:
         prompt = args.prompt
@@ -199,11 +204,16 @@ def generate(argv: Sequence[str]) -> int:
                         "weights' precision; pass one of them")
     saved = load_run_model(args.run, args.runs_dir, args.checkpoint, device)
     tokenizer, decoder = saved.tokenizer, Decoder(saved.model)
-    try:  # checked before a decoding copy is made (and perhaps compiled)
-        prompt_ids = torch.tensor([tokenizer.encode(prompt)] * args.num_samples, device=device)
+    # checked before a decoding copy is made (and perhaps compiled)
+    check_memory(cache_bytes(saved.model.config, args.num_samples), device,
+                 f"the key-value cache of {args.num_samples:,} samples would",
+                 "lower --num-samples")
+    try:
+        prompt_ids = torch.tensor([tokenizer.encode(prompt)], device=device)
     except UnknownCharactersError as error:
         raise UserError(f"the prompt has {error}; the model knows only the characters of its "
                         "training text") from None
+    prompt_ids = prompt_ids.repeat(args.num_samples, 1)
     if device.type == "cpu":
         # weights laid out once for decoding; bfloat16 and int8 live in the weights, so the
         # activations stay float32 and need no autocast

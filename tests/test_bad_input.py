@@ -90,6 +90,9 @@ CASES += [
     ("seed-negative", lambda t: ["--seed", "-1"], r"seed must be in \[0, 4294967295\]"),
     ("device-not-a-device", lambda t: ["--device", "gpu"],
      r"device must be auto, cpu, mps, cuda or cuda:N"),
+    ("model-beyond-memory", lambda t: ["--n-embd", "1000000", "--n-head", "1"],
+     r"the model, its optimizer and one batch need at least [\d,.]+ GiB, more than the "
+     r"[\d,.]+ GiB of memory cpu has; lower --n-layer, --n-embd, --batch-size or --block-size"),
     ("empty-value", lambda t: ["--run-tag="],
      r"argument --run-tag: expected a value, got an empty one"),
 ]
@@ -160,6 +163,10 @@ SCRIPT_CASES = [
     ("inference-not-a-device", inference.main,
      lambda t, run: ["--run", str(run), "--device", "."],
      r"device='\.' is not a device: pass auto, cpu, mps, cuda or cuda:N"),
+    ("inference-cache-beyond-memory", inference.main,
+     lambda t, run: ["--run", str(run), "--num-samples", str(10**12)],
+     r"the key-value cache of 1,000,000,000,000 samples would need at least [\d,.]+ GiB, more "
+     r"than the [\d,.]+ GiB of memory cpu has; lower --num-samples"),
     ("inference-seed-too-large", inference.main,
      lambda t, run: ["--run", str(run), "--seed", str(2**64)],
      r"--seed must be in \[0, 4294967295\], got 18446744073709551616"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import re
 import time
 
@@ -33,6 +34,23 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device={name} but MPS is not available here; use --device cpu or auto")
     return device
+
+
+def memory_bytes(device: torch.device) -> int:
+    """All the memory of device: a GPU's own, or the machine's (a CPU, or MPS, which shares it)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(needed: int, device: torch.device, what: str, advice: str) -> None:
+    """Refuse work whose memory (a lower bound of it, in bytes) is more than the device has,
+    before it starts: it could only fail, or on a CPU fill the memory until the system ends
+    the process."""
+    available = memory_bytes(device)
+    if needed > available:
+        raise UserError(f"{what} need at least {needed / 2**30:,.1f} GiB, more than the "
+                        f"{available / 2**30:,.1f} GiB of memory {device} has; {advice}")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -23,7 +23,13 @@ from tokenizer import CharTokenizer
 from utils import console, distributed
 from utils.config import Config
 from utils.config_loader import ConfigLoader
-from utils.device import autocast, configure_backends, resolve_device, resolve_dtype
+from utils.device import (
+    autocast,
+    check_memory,
+    configure_backends,
+    resolve_device,
+    resolve_dtype,
+)
 
 
 @dataclass(frozen=True)
@@ -59,12 +65,25 @@ def build_setup(config: Config, tokenizer: CharTokenizer | None = None) -> Setup
     if threads is not None:
         torch.set_num_threads(threads)
     device = distributed.device_for_rank(resolve_device(cfg.device), launch)
+    check_memory(training_bytes(config), device, "the model, its optimizer and one batch",
+                 "lower --n-layer, --n-embd, --batch-size or --block-size")
     configure_backends(device)
     dtype = resolve_dtype(cfg.dtype, device)
     corpus = open_corpus(config, tokenizer)
     model_config = dataclasses.replace(config.model, vocab_size=corpus.tokenizer.vocab_size)
     return Setup(dataclasses.replace(config, model=model_config), corpus.tokenizer,
                  corpus.splits, device, dtype)
+
+
+def training_bytes(config: Config) -> int:
+    """A lower bound of the memory one training step takes, in bytes, before the vocabulary
+    is known: float32 weights with their gradients and two optimizer moments (16 bytes per
+    weight: 12 n_embd^2 per layer), and the activations the backward pass keeps (at least
+    eight (batch, block, n_embd) tensors per layer)."""
+    model, cfg = config.model, config.train
+    weights = 12 * model.n_layer * model.n_embd**2 + model.block_size * model.n_embd
+    activations = 8 * cfg.batch_size * model.block_size * model.n_embd * model.n_layer
+    return 16 * weights + 4 * activations
 
 
 def open_corpus(config: Config, tokenizer: CharTokenizer | None = None) -> Corpus:
