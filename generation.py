@@ -10,6 +10,7 @@ Copy it with model.py, the one project file it needs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -151,8 +152,14 @@ def sample_next(
 def sampling_probabilities(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """The probabilities (B, vocab) a token is drawn from at temperature > 0: softmax of
     logits / temperature, with the tokens top_k, top_p and min_p drop set to 0."""
+    # the largest logit shifted to 0 first: softmax is the same, and a tiny temperature (or a
+    # repetition penalty far from 1) cannot overflow the logits to inf and the odds to nan
+    largest = torch.finfo(logits.dtype).max
+    logits = logits.clamp(-largest, largest)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
     if sampling.temperature != 1.0:
-        logits = logits / sampling.temperature
+        # a temperature below float32's range divides by 0: the largest logits (0 / 0) stay 0
+        logits = (logits / sampling.temperature).nan_to_num(0.0, math.inf, -math.inf)
     if sampling.top_k is not None:
         kth = torch.topk(logits, min(sampling.top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -93,6 +93,8 @@ CASES += [
     ("model-beyond-memory", lambda t: ["--n-embd", "1000000", "--n-head", "1"],
      r"the model, its optimizer and one batch need at least [\d,.]+ GiB, more than the "
      r"[\d,.]+ GiB of memory cpu has; lower --n-layer, --n-embd, --batch-size or --block-size"),
+    ("more-threads-than-cores", lambda t: ["--num-threads", "100000"],
+     r"num_threads=100000 but this machine has \d+ CPU cores; pass at most that many"),
     ("empty-value", lambda t: ["--run-tag="],
      r"argument --run-tag: expected a value, got an empty one"),
 ]

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hypothesis import event, given
+import torch
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import export
@@ -168,12 +169,18 @@ def quiet() -> Iterator[tuple[io.StringIO, io.StringIO]]:
 
 @contextlib.contextmanager
 def workspace(template: Path) -> Iterator[Path]:
-    """A fresh copy of the template as the working folder."""
+    """A fresh copy of the template as the working folder; torch's threads and random state
+    are put back afterwards, as the scripts set them for the whole process."""
+    threads, random_state = torch.get_num_threads(), torch.get_rng_state()
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch) / "w"
         shutil.copytree(template, root, symlinks=True)
-        with contextlib.chdir(root):
-            yield root
+        try:
+            with contextlib.chdir(root):
+                yield root
+        finally:
+            torch.set_num_threads(threads)
+            torch.set_rng_state(random_state)
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int] | None]:
@@ -268,7 +275,10 @@ def small_valid_argv(script: str) -> st.SearchStrategy[list[str]]:
         lambda picked: [part for use in picked for part in use])
 
 
+# a third of the profile's examples: each one here trains (about 0.3 s), where the others stop
+# at the start of the work
 @pytest.mark.parametrize("name", ["train.py", "inference.py"])
+@settings(max_examples=max(10, settings.default.max_examples // 3))
 @given(data=st.data())
 def test_small_valid_values_run_to_the_end(template, name, data):
     script = SCRIPTS[name]

@@ -110,3 +110,24 @@ def test_repetition_penalty_makes_seen_tokens_less_likely():
 def test_invalid_sampling_settings_are_rejected(kwargs, message):
     with pytest.raises(ConfigFieldError, match=message):
         SamplingConfig(**kwargs)
+
+
+@pytest.mark.parametrize("sampling", [
+    SamplingConfig(temperature=1e-300), SamplingConfig(temperature=1e-45),
+    SamplingConfig(temperature=1e300), SamplingConfig(repetition_penalty=1e-300),
+    SamplingConfig(repetition_penalty=1e300), SamplingConfig(temperature=1e-300, top_p=0.5),
+], ids=["tiny-temperature", "subnormal-temperature", "huge-temperature", "tiny-penalty",
+        "huge-penalty", "tiny-temperature-top-p"])
+def test_extreme_sampling_settings_still_give_odds(sampling):
+    """Any finite setting gives finite odds (top_p leaves them unnormalised) and a token: a
+    temperature too small for float32 is greedy (ties share the odds), a huge one uniform."""
+    logits = torch.tensor([[1.0, 2.0, 3.0, 3.0], [-5.0, 0.0, 4.0, 2.0]])
+    context = torch.tensor([[3], [2]])
+    probs = sampling_probabilities(logits, sampling)
+    assert torch.isfinite(probs).all() and (probs >= 0).all() and (probs.sum(-1) > 0).all()
+    if sampling.top_p is None:
+        torch.testing.assert_close(probs.sum(-1), torch.ones(2))
+    token = sample_next(logits, sampling, context, torch.Generator().manual_seed(0))
+    assert token.shape == (2,) and ((0 <= token) & (token < 4)).all()
+    if sampling.temperature == 1e-300:
+        assert probs[0, 2] > 0 and probs[1, 2] == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from utils.device import (
     resolve_device,
     resolve_dtype,
 )
+from utils.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,10 @@ def build_setup(config: Config, tokenizer: CharTokenizer | None = None) -> Setup
     returned config carries the tokenizer's vocab_size."""
     launch = distributed.current_launch()
     cfg = config.train
+    cores = os.cpu_count() or 1
+    if cfg.num_threads is not None and cfg.num_threads > cores:
+        raise UserError(f"num_threads={cfg.num_threads} but this machine has {cores} CPU "
+                        "cores; pass at most that many, or none for torch's default")
     threads = cfg.num_threads or distributed.threads_per_process(launch)
     if threads is not None:
         torch.set_num_threads(threads)
