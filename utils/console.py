@@ -10,6 +10,7 @@ same ones.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import time
@@ -74,7 +75,9 @@ def run_main(body: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
         where = f" ({failure.filename})" if failure.filename else ""
         _report_failure(f"the file system refused: {failure.strerror or failure}{where}; "
                         "check the paths given and the free space")
-        return TRAINING_FAILURE_EXIT_CODE
+        # a name too long is always a path given that no file system takes
+        too_long = failure.errno == errno.ENAMETOOLONG
+        return USER_ERROR_EXIT_CODE if too_long else TRAINING_FAILURE_EXIT_CODE
     except (MemoryError, RuntimeError) as failure:
         if not is_out_of_memory(failure):
             raise
