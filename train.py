@@ -39,18 +39,20 @@ from utils.errors import TrainingFailure, UserError
 from utils.interrupts import GracefulStop
 from utils.nonfinite import NonfiniteCounter
 from utils.resume import resolve_parent, resolve_resume
-from utils.runs import RunPaths, command_line, open_run
+from utils.runs import RunPaths, command_line, open_run, write_results
 from utils.setup import Setup, build_setup, open_corpus
 from utils.tracking import Tracker, check_aim_available, flat_hparams
 from utils.training import (
     Due,
     SpeedMeter,
+    bits_per_character,
     evaluate,
     full_split_loss,
     full_split_windows,
     init_state,
     log_progress,
     optimizer_step,
+    run_results,
     sample_text,
 )
 
@@ -145,14 +147,20 @@ def fit(state: TrainingState, plan: budget.Plan, run: RunPaths, tracker: Tracker
     """The training loop, then the final checkpoint, export and report; the exit code."""
     resume_command = (f"{shlex.join(distributed.current_launch().launcher())} train.py "
                       f"--resume {run.root}")
+    end = "interrupted again: quit at once"  # what results.json says if nothing below ends
     try:
         with GracefulStop() as stop:
-            end = training_loop(state, plan, run, tracker, stop)
+            try:
+                end = training_loop(state, plan, run, tracker, stop)
+            except TrainingFailure as failure:
+                end = str(failure)
+                raise
             setup = plan.setup  # with the max_iters the run ended with
             tracker.log_text("end_reason", end, state.step)
             if not stop.requested:
-                state.last_losses["val_full"] = full_split_loss(state.step_model, setup)
-                tracker.log({"val/loss_full": state.last_losses["val_full"]}, state.step)
+                full = state.last_losses["val_full"] = full_split_loss(state.step_model, setup)
+                tracker.log({"val/loss_full": full, "val/bpc_full": bits_per_character(full)},
+                            state.step)
             if state.last_saved_step != state.step:
                 write_checkpoints(run, state, setup, [f"step_{state.step}", "last"])
             distributed.on_main(lambda: save_export(run.export, state.model, setup.tokenizer))
@@ -160,6 +168,8 @@ def fit(state: TrainingState, plan: budget.Plan, run: RunPaths, tracker: Tracker
             "hparams/final_val_loss": state.last_losses.get("val", math.nan),
             "hparams/best_val_loss": state.best_val_loss,
             "hparams/final_val_loss_full": state.last_losses.get("val_full", math.nan),
+            "hparams/final_val_bpc_full": bits_per_character(
+                state.last_losses.get("val_full", math.nan)),
         })
     except KeyboardInterrupt:
         console.warn("interrupted again: quitting at once; resume from the last checkpoint "
@@ -167,6 +177,8 @@ def fit(state: TrainingState, plan: budget.Plan, run: RunPaths, tracker: Tracker
         return INTERRUPTED_EXIT_CODE
     finally:
         tracker.close()
+        results = run_results(state, plan.setup, end)
+        distributed.on_main(lambda: write_results(run, results))
     distributed.on_main(lambda: report(run, state, plan.setup))
     if stop.requested:
         console.warn(f"stopped by {stop.name} at step {state.step}; resume with "
@@ -195,6 +207,7 @@ def training_loop(state: TrainingState, plan: budget.Plan, run: RunPaths, tracke
             result = optimizer_step(state, setup)
             state.scheduler.step()
             state.step += 1
+            state.training_seconds = clock.training_seconds()
             progress.update(1)
             speed.steps += 1
             nonfinite.record(result.is_finite)
@@ -303,7 +316,8 @@ def report(run: RunPaths, state: TrainingState, setup: Setup) -> None:
             scored = full_split_windows(setup) * setup.config.model.block_size
             part = (f" (first {scored:,} of {len(setup.splits.val):,} val tokens)"
                     if scored + setup.config.model.block_size < len(setup.splits.val) else "")
-            full = f", full-split val loss {losses['val_full']:.4f}{part}"
+            full = (f", full-split val loss {losses['val_full']:.4f}{part}, "
+                    f"{bits_per_character(losses['val_full']):.3f} bits per character")
         print(f"final train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{full}")
     print(f"run folder: {run.root}")
     print(f"generate more: python inference.py --run {run.root}")

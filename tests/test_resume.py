@@ -4,6 +4,8 @@ and the bad inputs around them."""
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import re
 import signal
@@ -247,6 +249,9 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint(tmp_path, 
     (run_dir,) = tmp_path.iterdir()
     meta = read_checkpoint(run_dir / "artifacts/checkpoints/last.safetensors")[1]
     assert meta["step"] == 40
+    results = json.loads((run_dir / "meta" / "results.json").read_text())
+    assert results["end_reason"].startswith("training stopped: 5 non-finite steps in a row")
+    assert results["steps"] == 50 and results["full_split_val_loss"] is None
 
 
 def test_early_stopping_ends_the_run_and_says_why(tmp_path, capsys):
@@ -258,6 +263,10 @@ def test_early_stopping_ends_the_run_and_says_why(tmp_path, capsys):
             "2 evaluations") in err
     (run_dir,) = tmp_path.iterdir()
     assert read_checkpoint(run_dir / "artifacts/checkpoints/last.safetensors")[1]["step"] == 30
+    results = json.loads((run_dir / "meta" / "results.json").read_text())
+    assert results["end_reason"].startswith("early stopping: val loss has not improved")
+    assert results["best_val_loss"] == pytest.approx(results["best_val_bpc"] * math.log(2))
+    assert results["full_split_val_loss"] is not None and results["steps"] == 30
 
 
 def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):

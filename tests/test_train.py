@@ -62,6 +62,17 @@ def test_tiny_training_run_learns_exports_and_fills_its_run_folder(tmp_path):
     assert re.search(r"training ended at step 300: finished 300 steps \(\d+\.\ds of steps, "
                      r"evaluations left out\)", result.stderr), result.stderr[-2000:]
 
+    # meta/results.json: what the run achieved, in nats and bits per character
+    results = json.loads((run_dir / "meta" / "results.json").read_text())
+    full = float(re.search(r"full-split val loss (\d+\.\d+)", result.stdout).group(1))
+    assert results["full_split_val_loss"] == pytest.approx(full, abs=1e-4)
+    assert results["full_split_val_bpc"] == pytest.approx(results["full_split_val_loss"]
+                                                          / math.log(2))
+    assert f"{results['full_split_val_bpc']:.3f} bits per character" in result.stdout
+    assert (results["steps"], results["end_reason"]) == (300, "finished 300 steps")
+    assert results["tokens"] == 300 * 16 * 32 and results["training_seconds"] > 0
+    assert results["full_split_val_tokens"] == 3200
+
     final_val = float(re.search(r"val loss (\d+\.\d+)", result.stdout).group(1))
     vocab_size = len(set((PROJECT_ROOT / "input.txt").read_text(encoding="utf-8")))
     assert final_val < math.log(vocab_size) - 1.2
@@ -78,7 +89,7 @@ def test_tiny_training_run_learns_exports_and_fills_its_run_folder(tmp_path):
     events = EventAccumulator(str(run_dir / "logs" / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "val/loss", "lr", "tokens_per_sec"} <= tags
+    assert {"train/loss", "val/loss", "val/bpc", "val/bpc_full", "lr", "tokens_per_sec"} <= tags
     assert [e.step for e in events.Scalars("val/loss")] == [150, 300]
 
 
@@ -111,6 +122,9 @@ def test_ctrl_c_stops_training_and_still_exports(tmp_path):
     (run_dir,) = runs.iterdir()
     load_export(run_dir / "artifacts" / "export")
     assert f"run folder: {run_dir}" in out
+    results = json.loads((run_dir / "meta" / "results.json").read_text())
+    assert results["end_reason"] == "stopped by SIGINT" and results["steps"] >= 20
+    assert results["full_split_val_loss"] is None  # a stopped run skips the full-split pass
 
 
 def test_lr_warms_up_then_decays_to_min_lr():

@@ -231,6 +231,7 @@ class TrainingState:
     # (step, text) of the last evaluation's sample: the report reuses it rather than sampling
     # the same weights with the same seed again; not saved, an evaluation remakes it
     last_sample: tuple[int, str] | None = None
+    training_seconds: float = 0.0  # of steps in this process, evaluations left out; not saved
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,12 @@ def write_metadata(
     return texts
 
 
+def write_results(run: RunPaths, results: Mapping[str, Any]) -> None:
+    """meta/results.json, replaced atomically, so a reader (a search, a dashboard) sees the
+    previous results or these, never a part."""
+    atomic_write_text(run.meta / "results.json", json.dumps(results, indent=2) + "\n")
+
+
 def record_config(run: RunPaths, config: Config) -> None:
     """Rewrite meta/full_config.json with the config the run now trains by (a budgeted run's
     pace check can change its max_iters)."""
