@@ -56,10 +56,17 @@ def test_same_seed_gives_the_same_text_and_cache_matches_no_cache(exported_run, 
     assert run_inference(capsys, *args, "--no-stream")[1] == first
 
 
+def printed_samples(out: str) -> list[str]:
+    """The samples of a --no-stream run: inference.py ends its output with one newline, and a
+    sample may itself end in newlines, so exactly one is taken off."""
+    assert out.endswith("\n")
+    return out[:-1].split(inference.SAMPLE_SEPARATOR)
+
+
 def test_several_samples_are_printed_one_after_another(exported_run, capsys):
     _, out, _ = run_inference(capsys, "--run", str(exported_run), "--num-samples", "3",
                               "--max-new-tokens", "10", "--prompt", "a", "--seed", "2")
-    samples = out.rstrip("\n").split(inference.SAMPLE_SEPARATOR)
+    samples = printed_samples(out)
     assert len(samples) == 3 and all(s.startswith("a") and len(s) == 11 for s in samples)
 
 
@@ -274,7 +281,7 @@ def test_compiled_bfloat16_cpu_decoding_writes_a_batch(exported_run, capsys):
                                    "--prompt", "ab", "--device", "cpu", "--compile",
                                    "--dtype", "bfloat16", "--num-samples", "2", "--no-stream")
     assert code == 0, err
-    samples = out.rstrip("\n").split(inference.SAMPLE_SEPARATOR)
+    samples = printed_samples(out)
     assert len(samples) == 2
     assert all(s.startswith("ab") and len(s) == len("ab") + 40 for s in samples)
     assert re.search(r"compiled the decode step in \d+\.\d s", err)
