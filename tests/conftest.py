@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +117,36 @@ def run_script(script: str, *args: str, cwd: Path | None = None, env: dict | Non
         [sys.executable, str(PROJECT_ROOT / script), *args], cwd=cwd or PROJECT_ROOT,
         env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_and_get(command: list[str], port: int, path: str = "/", cwd: Path | None = None,
+                  timeout_s: float = 60) -> tuple[int, str]:
+    """Start a UI server on loopback, return the HTTP status and body of one of its pages
+    (the front page by default), stop it."""
+    # its own process group: `aim up` serves through a uvicorn child, which must go too
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True, cwd=cwd)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}",
+                                            timeout=2) as response:
+                    return response.status, response.read().decode("utf-8", "replace")
+            except OSError:
+                if server.poll() is not None:
+                    raise AssertionError(f"{command[0]} exited with {server.returncode}") from None
+                time.sleep(0.5)
+        raise AssertionError(f"{command[0]} did not answer on port {port}")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def cpu_setup(model_config: ModelConfig, cfg: TrainConfig | None = None,

@@ -5,8 +5,8 @@ Layers, bottom up; imports only go down:
     core     tokenizer.py, model.py, generation.py, token_store.py, data.py: the standard
              library, numpy, torch, and the core files CORE_IMPORTS lists for each
     utils/   the core and utils/
-    scripts  train.py, inference.py, export.py, profile_model.py, bench/, scripts/: the core
-             and utils/, never each other
+    scripts  train.py, inference.py, export.py, profile_model.py, search.py, bench/, scripts/:
+             the core and utils/, never each other
 """
 
 from __future__ import annotations

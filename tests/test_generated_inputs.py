@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 import export
 import inference
 import profile_model
+import search
 import train
 from utils.config import USER_FIELDS
 from utils.config_loader import ConfigLoader
@@ -54,6 +55,7 @@ PATHS = {
     "under a file": "notes.txt/below", "unwritable": "/proc/chargpt-nowhere",
     "name too long": "x" * 300, "run": "runs/trained", "file in a run": "runs/trained/meta/"
     "full_config.json", "transformers export": "hf", "here": ".",
+    "search space": "space.yaml",
 }
 
 
@@ -82,6 +84,9 @@ SCRIPTS = {
                                lambda: profile_model.build_parser(ConfigLoader()),
                                (*TINY_RUN, "--steps", "1", "--warmup", "0"),
                                (profile_model, "init_state")),
+    "search.py": Script(search.main, lambda: search.build_parser(ConfigLoader()),
+                        ("--study", "generated", "--trials", "1", "--space", "space.yaml",
+                         *TINY_RUN), (search, "open_study")),
 }
 
 
@@ -150,6 +155,8 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("workspace")
     (root / "corpus.txt").write_text(CORPUS, encoding="utf-8")
     (root / "notes.txt").write_text("not ours", encoding="utf-8")
+    (root / "space.yaml").write_text("learning_rate: {low: 0.001, high: 0.01, log: true}\n",
+                                     encoding="utf-8")
     (root / "other").mkdir()
     (root / "other" / "keep.me").write_text("not ours either", encoding="utf-8")
     with contextlib.chdir(root), quiet():

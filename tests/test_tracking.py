@@ -5,18 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from tests.conftest import BIN, find_aim_run
+from tests.conftest import BIN, find_aim_run, free_port, serve_and_get
 
 # a capped end-of-run full-split score: what is tracked, not how much of input.txt is scored
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
@@ -112,33 +108,6 @@ def test_broken_aim_install_is_reported_before_training(tmp_path, capsys, monkey
     assert not runs.exists()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def serve_and_get(command: list[str], port: int, timeout_s: float = 60) -> int:
-    """Start a UI server on loopback, return the HTTP status of its front page, stop it."""
-    # its own process group: `aim up` serves through a uvicorn child, which must go too
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
-                    return response.status
-            except OSError:
-                if server.poll() is not None:
-                    raise AssertionError(f"{command[0]} exited with {server.returncode}") from None
-                time.sleep(0.5)
-        raise AssertionError(f"{command[0]} did not answer on port {port}")
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-
-
 def test_tensorboard_ui_serves_the_runs(tracked_run):
     binary = shutil.which("tensorboard", path=str(BIN))
     if binary is None:
@@ -146,7 +115,7 @@ def test_tensorboard_ui_serves_the_runs(tracked_run):
     port = free_port()
     runs_dir = tracked_run[0].parent
     assert serve_and_get([binary, "--logdir", str(runs_dir), "--host", "127.0.0.1",
-                          "--port", str(port)], port) == 200
+                          "--port", str(port)], port)[0] == 200
 
 
 def test_aim_ui_serves_the_repo(tracked_run):
@@ -155,7 +124,7 @@ def test_aim_ui_serves_the_repo(tracked_run):
         pytest.skip("the aim command is not installed")
     port = free_port()
     assert serve_and_get([binary, "up", "--repo", str(tracked_run[1]), "--host", "127.0.0.1",
-                          "--port", str(port)], port) == 200
+                          "--port", str(port)], port)[0] == 200
 
 
 def test_histogram_bins_count_every_value_between_min_and_max():

@@ -48,7 +48,12 @@ ENV_PREFIX = "CHARGPT_"
 
 
 class ConfigError(UserError):
-    """A config value, key or file is invalid."""
+    """A config value, key or file is invalid; `fields` names the keys a rule between values
+    involves, where one was broken."""
+
+    def __init__(self, message: str, fields: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.fields = tuple(fields)
 
 
 @dataclass(frozen=True)
@@ -89,9 +94,14 @@ class ConfigLoader:
                     _add_flag(group, spec, defaults[spec.name][0])
         return parser
 
-    def load(self, args: argparse.Namespace) -> Config:
-        merged = self._merge(self._base_layers() + self._user_layers(args))
-        return _build_config(merged)
+    def load(self, args: argparse.Namespace, overrides: Mapping[str, Any] | None = None,
+             overrides_source: str = "overrides") -> Config:
+        """The config these args give; `overrides` (typed values, such as a search trial's)
+        go over every layer."""
+        layers = self._base_layers() + self._user_layers(args)
+        if overrides:
+            layers.append(_Layer(overrides_source, overrides, from_text=False))
+        return _build_config(self._merge(layers))
 
     def load_for_resume(self, saved: Mapping[str, Mapping[str, Any]], args: argparse.Namespace,
                         only_resumable_changes: bool = True) -> Config:
@@ -193,8 +203,8 @@ class ConfigLoader:
             for key, raw in layer.values.items():
                 source = _describe_source(layer, key)
                 if key not in USER_FIELDS:
-                    raise ConfigError(f"unknown config key '{key}' in {source}{_suggest(key)}")
-                merged[key] = (_coerce(key, raw, layer.from_text, source), source)
+                    raise ConfigError(f"unknown config key '{key}' in {source}{suggest_key(key)}")
+                merged[key] = (coerce(key, raw, layer.from_text, source), source)
         _settle_length(layers, merged)
         return merged
 
@@ -267,7 +277,7 @@ def _add_flag(group: argparse._ArgumentGroup, spec: dataclasses.Field, default: 
     field only when given."""
     help_text = f"{spec.metadata['help']} (default: {format_value(default)})"
     flags = ["--" + spec.name.replace("_", "-"), *spec.metadata.get("aliases", ())]
-    annotation = _field_type(spec.name)
+    annotation = field_type(spec.name)
     if annotation is bool:
         group.add_argument(*flags, dest=spec.name, default=argparse.SUPPRESS,
                            action=argparse.BooleanOptionalAction, help=help_text)
@@ -302,12 +312,14 @@ def _describe_source(layer: _Layer, key: str) -> str:
     return layer.source
 
 
-def _suggest(key: str) -> str:
+def suggest_key(key: str) -> str:
+    """"; did you mean 'x'?" for an unknown key, or the list of valid keys."""
     close = difflib.get_close_matches(key, USER_FIELDS, n=1)
     return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(USER_FIELDS)}"
 
 
-def _field_type(name: str) -> Any:
+def field_type(name: str) -> Any:
+    """The annotation of the config field `name`, such as `int | None`."""
     return typing.get_type_hints(USER_FIELDS[name])[name]
 
 
@@ -315,9 +327,9 @@ def _field_spec(name: str) -> dataclasses.Field:
     return next(f for f in dataclasses.fields(USER_FIELDS[name]) if f.name == name)
 
 
-def _coerce(key: str, raw: Any, from_text: bool, source: str) -> Any:
+def coerce(key: str, raw: Any, from_text: bool, source: str) -> Any:
     """raw as the field's type; text from env vars and flags is parsed, file values checked."""
-    annotation, metadata = _field_type(key), _field_spec(key).metadata
+    annotation, metadata = field_type(key), _field_spec(key).metadata
     try:
         return convert(annotation, metadata, raw, from_text)
     except ValueError:
@@ -343,4 +355,4 @@ def _build(section: type, merged: Mapping[str, tuple[Any, str]]) -> Any:
     except ConfigFieldError as error:
         sources = ", ".join(f"{name}={format_value(merged[name][0])} from {merged[name][1]}"
                             for name in error.fields)
-        raise ConfigError(f"{error} ({sources})") from None
+        raise ConfigError(f"{error} ({sources})", error.fields) from None

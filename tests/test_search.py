@@ -1,0 +1,269 @@
+"""search.py: trials as train.py runs, the study continued, Ctrl-C and a killed search, the cap
+over several processes, and every bad space file or flag refused before anything is made."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+import search
+from tests.conftest import BIN, PROJECT_ROOT, free_port, run_script, serve_and_get
+from utils.study import ended_as
+
+# train.py's smallest runs; a trial takes about 3 s, most of it starting Python and torch
+TINY_TRIAL = ["--n-layer", "1", "--n-embd", "16", "--block-size", "16", "--batch-size", "2",
+              "--eval-iters", "1", "--full-split-max-tokens", "64", "--sample-tokens", "5",
+              "--histogram-interval", "0", "--device", "cpu", "--num-threads", "1",
+              "--data-path", "corpus.txt"]
+SPACE = "learning_rate: {low: 0.001, high: 0.01, log: true}\nn_head: {choices: [4, 3]}\n"
+STORAGE = "sqlite:///runs/search/studies.db"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, corpus_file: Path) -> Path:
+    (tmp_path / "space.yaml").write_text(SPACE, encoding="utf-8")
+    return tmp_path
+
+
+def search_cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return run_script("search.py", "--space", "space.yaml", *args, cwd=workdir)
+
+
+def trial_lines(stdout: str) -> dict[int, str]:
+    return {int(m.group(1)): m.group(2) for m in re.finditer(r"^trial (\d+): (.*)$", stdout,
+                                                             re.MULTILINE)}
+
+
+def load(workdir: Path, study: str, storage: str = STORAGE) -> optuna.Study:
+    with contextlib.chdir(workdir):
+        return optuna.load_study(study_name=study, storage=storage)
+
+
+def start_search(workdir: Path, *args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHARGPT_")}
+    env["CHARGPT_TOKEN_CACHE"] = os.environ["CHARGPT_TOKEN_CACHE"]
+    return subprocess.Popen([sys.executable, str(PROJECT_ROOT / "search.py"), "--space",
+                             "space.yaml", *args], cwd=workdir, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for(condition, what: str, process: subprocess.Popen | None = None,
+             timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None:
+            assert process.poll() is None, f"the search ended first: {process.communicate()}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_search_runs_trials_reports_the_best_and_continues(workdir):
+    fixed = [*TINY_TRIAL, "--max-iters", "10", "--eval-interval", "10"]
+    # sampler seed 2 picks n_head=3 for trial 1: 16 is not divisible by 3
+    first = search_cli(workdir, "--study", "s", "--trials", "3", "--sampler-seed", "2", *fixed)
+    assert first.returncode == 0, first.stderr
+    lines = trial_lines(first.stdout)
+    assert sorted(lines) == [0, 1, 2]
+    assert lines[0].startswith("learning_rate=0.003 n_head=4: full-split val loss")  # as given
+    assert "failed: n_embd=16 must be divisible by n_head=3" in lines[1]
+    assert "Traceback" not in first.stderr
+    study = load(workdir, "s")
+    for trial in study.trials:
+        if trial.params["n_head"] == 3:
+            assert ended_as(trial) == "failed" and "divisible" in trial.user_attrs["error"]
+            continue
+        run = Path(workdir / trial.user_attrs["run"])
+        assert run.name.endswith(f"_s-t{trial.number}")
+        results = json.loads((run / "meta" / "results.json").read_text())
+        assert trial.value == results["full_split_val_loss"]
+        assert f"full-split val loss {trial.value:.4f}" in lines[trial.number]
+        assert str(run.relative_to(workdir)) in lines[trial.number]
+    assert study.trials[0].user_attrs["baseline"] is True
+    best = min((t for t in study.trials if t.value is not None), key=lambda t: t.value)
+    repeat = re.search(r"^repeat it: (python train\.py .*)$", first.stdout, re.MULTILINE)
+    assert repeat and f"--learning-rate {best.params['learning_rate']!r}" in repeat.group(1)
+    assert f"optuna-dashboard {STORAGE}" in first.stdout
+    port = free_port()
+    status, studies = serve_and_get([str(BIN / "optuna-dashboard"), STORAGE, "--port",
+                                     str(port), "--host", "127.0.0.1"], port, "/api/studies",
+                                    cwd=workdir)
+    assert status == 200 and '"study_name": "s"' in studies
+
+    more = search_cli(workdir, "--study", "s", "--trials", "4", *fixed)
+    assert more.returncode == 0, more.stderr
+    assert sorted(trial_lines(more.stdout)) == [3]
+    assert len(load(workdir, "s").trials) == 4
+
+    changed = search_cli(workdir, "--study", "s", "--trials", "5", *fixed, "--dropout", "0.1")
+    assert changed.returncode == 2
+    assert changed.stderr.startswith("error: study s was started with other fixed flags")
+    assert len(load(workdir, "s").trials) == 4
+
+
+def test_ctrl_c_stops_the_trial_like_train_py_and_the_same_command_resumes_it(workdir):
+    fixed = ["--study", "c", "--trials", "1", *TINY_TRIAL, "--max-iters", "1500",
+             "--eval-interval", "1500", "--checkpoint-interval", "20"]
+    search_process = start_search(workdir, *fixed)
+    wait_for(lambda: list(workdir.glob("runs/*_c-t0/artifacts/checkpoints/last.*")),
+             "the trial's first checkpoint", search_process)
+    search_process.send_signal(signal.SIGINT)
+    out, err = search_process.communicate(timeout=120)
+    assert search_process.returncode == 130, err
+    assert re.search(r"^trial 0: .*: interrupted, \d+ s, runs/\S+_c-t0$", out, re.MULTILINE)
+    # the command that continues repeats this one, CHARGPT_ variables included
+    assert re.search(r"search stopped by SIGINT; continue it with (CHARGPT_\S+ )*python "
+                     r"search\.py --space space\.yaml --study c ", err)
+    (run,) = workdir.glob("runs/*_c-t0")
+    stopped = json.loads((run / "meta" / "results.json").read_text())
+    assert stopped["end_reason"] == "stopped by SIGINT" and stopped["steps"] < 1500
+    (trial,) = load(workdir, "c").trials
+    assert ended_as(trial) == "interrupted" and trial.user_attrs["run"] == str(run.relative_to(
+        workdir))
+
+    again = search_cli(workdir, *fixed)
+    assert again.returncode == 0, again.stderr
+    assert "trial 0 did not finish: it runs again first" in again.stderr
+    assert f"trial 1 running: learning_rate=0.003 n_head=4, resuming runs/{run.name}" \
+        in again.stderr
+    finished = json.loads((run / "meta" / "results.json").read_text())
+    assert finished["steps"] == 1500 and finished["end_reason"] == "finished 1500 steps"
+    assert (run / "meta" / f"resumed_at_step_{stopped['steps']}").is_dir()
+    trials = load(workdir, "c").trials
+    assert [ended_as(t) for t in trials] == ["interrupted", "complete"]
+    assert trials[1].value == finished["full_split_val_loss"]
+
+
+def test_a_killed_search_stops_its_trial_and_the_next_search_resumes_it(workdir):
+    fixed = ["--study", "k", "--trials", "1", *TINY_TRIAL, "--max-iters", "1500",
+             "--eval-interval", "1500", "--checkpoint-interval", "20"]
+    search_process = start_search(workdir, *fixed)
+    wait_for(lambda: list(workdir.glob("runs/*_k-t0/artifacts/checkpoints/last.*")),
+             "the trial's first checkpoint", search_process)
+    search_process.kill()
+    search_process.communicate(timeout=60)
+    (run,) = workdir.glob("runs/*_k-t0")
+    # the trial gets SIGTERM when its search dies: it checkpoints and writes its results
+    wait_for(lambda: (run / "meta" / "results.json").is_file(), "the trial to stop")
+    assert json.loads((run / "meta" / "results.json").read_text())["end_reason"] == \
+        "stopped by SIGTERM"
+
+    again = search_cli(workdir, *fixed)
+    assert again.returncode == 0, again.stderr
+    assert "trial 0 was left running by a search that is gone: it runs again" in again.stderr
+    assert f"resuming runs/{run.name}" in again.stderr
+    assert json.loads((run / "meta" / "results.json").read_text())["steps"] == 1500
+    assert [ended_as(t) for t in load(workdir, "k").trials] == ["lost", "complete"]
+
+
+def test_trials_caps_the_study_over_every_process_that_shares_it(workdir):
+    journal = str(workdir / "study.journal")
+    fixed = ["--study", "shared", "--trials", "3", "--storage", journal, *TINY_TRIAL,
+             "--max-iters", "10", "--eval-interval", "10"]
+    workers = [start_search(workdir, *fixed) for _ in range(2)]
+    results = [worker.communicate(timeout=300) for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], results
+    ran = [n for out, _ in results for n in trial_lines(out)]
+    assert sorted(ran) == sorted(set(ran)) and len(ran) >= 3
+    study = optuna.load_study(
+        study_name="shared", storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(journal)))
+    counted = [t for t in study.trials if ended_as(t) in ("complete", "failed")]
+    assert len(counted) == 3
+    assert all(ended_as(t) == "beyond the cap" for t in study.trials if t not in counted)
+
+
+def test_a_search_where_no_trial_finishes_ends_with_one_line(workdir):
+    (workdir / "space.yaml").write_text("learning_rate: {low: 0.001, high: 0.01}\n")
+    # the config is valid; train.py itself refuses more threads than the machine has cores
+    result = search_cli(workdir, "--study", "f", "--trials", "1", *TINY_TRIAL, "--max-iters",
+                        "10", "--num-threads", str(os.cpu_count() + 1))
+    assert result.returncode == 1
+    assert re.search(r"^trial 0: learning_rate=0\.003: failed: num_threads=\d+ but this "
+                     r"machine has", result.stdout, re.MULTILINE)
+    assert result.stderr.rstrip().splitlines()[-1].startswith(
+        "error: no trial of the study finished; see each trial's line above and its log in "
+        "runs/search/f")
+    assert "Traceback" not in result.stderr
+
+
+BAD_SPACES = {
+    "unknown key": ("learning_rat: {low: 0.001, high: 0.01}",
+                    "search space: unknown setting 'learning_rat'; did you mean "
+                    "'learning_rate'?"),
+    "wrong type": ("n_layer: {low: 1.5, high: 4}",
+                   "search space space.yaml: n_layer: low: expected an integer, got 1.5"),
+    "low above high": ("learning_rate: {low: 0.01, high: 0.001}",
+                       "search space space.yaml: learning_rate: low must be below high (got "
+                       "low=0.01, high=0.001)"),
+    "log from zero": ("dropout: {low: 0.0, high: 0.5, log: true}",
+                      "search space space.yaml: dropout: a log range needs low > 0 (got "
+                      "low=0.0)"),
+    "empty choices": ("schedule: {choices: []}",
+                      "search space space.yaml: schedule: choices must be a non-empty list"),
+    "a choice of the wrong kind": ("schedule: {choices: [wsd, linear]}",
+                                   "search space space.yaml: schedule: expected one of cosine, "
+                                   "wsd, got 'linear'"),
+    "a range of words": ("schedule: {low: 1, high: 2}",
+                         "search space space.yaml: schedule: takes one of cosine, wsd, so it "
+                         "has no range"),
+    "out of its field's range": ("dropout: {low: 0.1, high: 1.5}",
+                                 "search space space.yaml: dropout: dropout must be in [0, 1)"),
+    "where trials write": ("runs_dir: {choices: [a, b]}",
+                           "search space space.yaml: runs_dir: cannot be part of a search "
+                           "space"),
+    "unknown range key": ("n_layer: {low: 1, high: 4, steps: 2}",
+                          "search space space.yaml: n_layer: unknown key 'steps' in a range"),
+    "not a mapping": ("- learning_rate", "search space space.yaml must map train.py settings"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SPACES)
+def test_a_bad_space_file_is_refused_in_one_line_before_anything_is_made(workdir, capsys,
+                                                                          case):
+    text, message = BAD_SPACES[case]
+    (workdir / "space.yaml").write_text(text + "\n", encoding="utf-8")
+    with contextlib.chdir(workdir):
+        code = search.main(["--study", "s", "--space", "space.yaml", *TINY_TRIAL])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert message in err
+    assert not (workdir / "runs").exists()
+
+
+BAD_FLAGS = {
+    "in the space and a flag": (["--learning-rate", "0.01"],
+                                "learning_rate is both in search space space.yaml and given "
+                                "as --learning-rate"),
+    "no space file": (["--space", "missing.yaml"], "search space missing.yaml does not exist"),
+    "no trials": (["--trials", "0"], "--trials must be at least 1, got 0"),
+    "a run tag": (["--run-tag", "x"], "leave --run-tag out"),
+    "a study name with a slash": (["--study", "a/b"], "study name 'a/b': use up to 100"),
+    "a storage Optuna does not know": (["--storage", "nosuch://x"],
+                                       "cannot open the study storage nosuch://x"),
+    "a storage under a file": (["--storage", "sqlite:///corpus.txt/s.db"],
+                               "--storage's folder corpus.txt is a file, not a folder"),
+    "a bad train.py flag": (["--batch-size", "0"], "batch_size"),
+    "a train.py flag search does not take": (["--resume", "latest"], "unknown flag --resume"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FLAGS)
+def test_a_bad_flag_is_refused_in_one_line_before_anything_is_made(workdir, capsys, case):
+    flags, message = BAD_FLAGS[case]
+    before = sorted(p.name for p in workdir.iterdir())
+    with contextlib.chdir(workdir):
+        code = search.main(["--study", "s", "--space", "space.yaml", *TINY_TRIAL, *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert message in err
+    assert sorted(p.name for p in workdir.iterdir()) == before

@@ -1,0 +1,116 @@
+"""One search trial: train.py in a process of its own, its output in a log file, and a stop
+signal passed on to it so that it stops the way train.py stops (a checkpoint, then exit 130
+or 143; a second signal quits at once).
+
+The process runs in a session of its own, so a Ctrl-C at the terminal reaches only the
+search, which passes it on exactly once; on Linux it also gets SIGTERM if the search dies, so
+a killed search leaves no trial training on its own.
+
+    with StopSignals() as signals:
+        outcome = run_train_process(command, log_path, signals, on_run_folder=print)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from utils.interrupts import HANDLED_SIGNALS
+
+# train.py's first line about its run: "run <id> at step 0: ..." or "resuming <id> at step N"
+RUN_LINE = re.compile(r"^(?:run|resuming) (\S+) at step \d+:", re.MULTILINE)
+POLL_SECONDS = 1.0  # how often the log is read for the run folder while the process runs
+PR_SET_PDEATHSIG = 1
+
+
+class StopSignals:
+    """Records SIGINT and SIGTERM instead of raising, and passes each on to the running
+    process, if any."""
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+        self.process: subprocess.Popen | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for number in HANDLED_SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number: int, frame: FrameType | None) -> None:
+        self.signal_number = self.signal_number or number
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(number)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_number is not None
+
+    @property
+    def name(self) -> str:
+        assert self.signal_number is not None, "no stop signal was received"
+        return signal.Signals(self.signal_number).name
+
+
+@dataclass(frozen=True)
+class ProcessOutcome:
+    exit_code: int
+    run: Path | None  # the run folder train.py made or resumed, if it got that far
+    error: str | None  # its last "error: " line, without the prefix
+
+
+def run_train_process(command: Sequence[str], log_path: Path, signals: StopSignals,
+                      runs_dir: Path,
+                      on_run_folder: Callable[[Path], None] | None = None) -> ProcessOutcome:
+    """Run the command to its end with its output in log_path; on_run_folder is called once,
+    as soon as the run folder is known."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    run = None
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=_stop_with_parent)
+        signals.process = process
+        try:
+            while True:
+                try:
+                    process.wait(timeout=POLL_SECONDS)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                finally:
+                    if run is None:
+                        run = _run_folder(log_path, runs_dir)
+                        if run is not None and on_run_folder is not None:
+                            on_run_folder(run)
+        finally:
+            signals.process = None
+    text = log_path.read_text(encoding="utf-8", errors="replace")
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    return ProcessOutcome(process.returncode, run,
+                          errors[-1].removeprefix("error: ") if errors else None)
+
+
+def _run_folder(log_path: Path, runs_dir: Path) -> Path | None:
+    match = RUN_LINE.search(log_path.read_text(encoding="utf-8", errors="replace"))
+    return Path(runs_dir) / match.group(1) if match else None
+
+
+def _stop_with_parent() -> None:
+    """In the new process, before train.py starts: ask Linux for SIGTERM when the search
+    dies, so the trial checkpoints and stops instead of training on alone."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
