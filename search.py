@@ -59,7 +59,6 @@ from utils.trial_process import StopSignals, run_train_process
 
 TRAIN_SCRIPT = PROJECT_ROOT / "train.py"
 DEFAULT_SPACE = "configs/search/recipe.yaml"
-SEARCH_FLAGS = ("study", "trials", "space", "storage", "sampler_seed")
 BEST_SHOWN = 5
 
 
