@@ -91,7 +91,7 @@ def search(argv: Sequence[str]) -> int:
     if signals.requested:
         console.warn(f"search stopped by {signals.name}; continue it with "
                      f"{command_line('search.py', argv)}")
-        return 128 + (signals.signal_number or 0)
+        return signals.exit_code
     states = {t.state for t in study.get_trials(deepcopy=False)}
     if not states & {TrialState.COMPLETE, TrialState.RUNNING}:  # none finished, none can
         raise TrainingFailure("no trial of the study finished; see each trial's line above "

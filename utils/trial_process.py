@@ -17,13 +17,12 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from utils.interrupts import HANDLED_SIGNALS
+from utils.interrupts import CaughtSignals
 
 # train.py's first line about its run: "run <id> at step 0: ..." or "resuming <id> at step N"
 RUN_LINE = re.compile(r"^(?:run|resuming) (\S+) at step \d+:", re.MULTILINE)
@@ -31,38 +30,17 @@ POLL_SECONDS = 1.0  # how often the log is read for the run folder while the pro
 PR_SET_PDEATHSIG = 1
 
 
-class StopSignals:
-    """Records SIGINT and SIGTERM instead of raising, and passes each on to the running
-    process, if any."""
+class StopSignals(CaughtSignals):
+    """Records SIGINT and SIGTERM, and passes each on to the running process, if any."""
 
     def __init__(self) -> None:
-        self.signal_number: int | None = None
+        super().__init__()
         self.process: subprocess.Popen | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for number in HANDLED_SIGNALS:
-                self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
 
     def _handle(self, number: int, frame: FrameType | None) -> None:
-        self.signal_number = self.signal_number or number
+        super()._handle(number, frame)
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(number)
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_number is not None
-
-    @property
-    def name(self) -> str:
-        assert self.signal_number is not None, "no stop signal was received"
-        return signal.Signals(self.signal_number).name
 
 
 @dataclass(frozen=True)
