@@ -22,7 +22,6 @@ utils/search_space.py; the train.py process in utils/trial_process.py.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import sys
@@ -35,10 +34,11 @@ import optuna
 from optuna.trial import TrialState
 
 from utils import console
+from utils.checkpoint import CHECKPOINT_SUFFIX
 from utils.config import MAX_SEED, PROJECT_ROOT, USER_FIELDS, Config
 from utils.config_loader import ConfigError, ConfigLoader
 from utils.errors import TrainingFailure, UserError
-from utils.runs import command_line
+from utils.runs import RunPaths, command_line, read_results
 from utils.search_space import SearchSpace, trial_flags
 from utils.study import (
     BEYOND_CAP,
@@ -49,7 +49,7 @@ from utils.study import (
     open_storage,
     open_study,
     queue_reruns,
-    read_results,
+    search_folder,
     storage_url,
     this_process,
     trial_run_tag,
@@ -87,7 +87,7 @@ def search(argv: Sequence[str]) -> int:
                  "trials so far")
     with StopSignals() as signals:
         run_trials(study, args, loader, space, fixed_flags, runs_dir, signals)
-    report(study, fixed_flags, url)
+    report(study, space, fixed_flags, url)
     if signals.requested:
         console.warn(f"search stopped by {signals.name}; continue it with "
                      f"{command_line('search.py', argv)}")
@@ -95,7 +95,7 @@ def search(argv: Sequence[str]) -> int:
     states = {t.state for t in study.get_trials(deepcopy=False)}
     if not states & {TrialState.COMPLETE, TrialState.RUNNING}:  # none finished, none can
         raise TrainingFailure("no trial of the study finished; see each trial's line above "
-                              f"and its log in {trial_log(runs_dir, args.study)}")
+                              f"and its log in {search_folder(runs_dir, args.study)}")
     return 0
 
 
@@ -198,20 +198,24 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, args: argparse.Namespace
         loader.load(args, values, f"{name}'s values")
     except ConfigError as error:
         return finish(study, trial, "failed", error=str(error))
+    # a rerun of an interrupted or lost trial goes on from its run's last checkpoint
     resumed = trial.user_attrs.get("run")
-    if resumed and any((Path(resumed) / "artifacts" / "checkpoints").glob("last.*")):
+    if resumed and not (RunPaths(Path(resumed)).checkpoints
+                        / f"last{CHECKPOINT_SUFFIX}").is_file():
+        resumed = None
+    if resumed:
         command = [sys.executable, str(TRAIN_SCRIPT), "--resume", resumed]
     else:
         command = [sys.executable, str(TRAIN_SCRIPT), *fixed_flags, *trial_flags(values),
                    "--run-tag", trial_run_tag(args.study, trial.number)]
-    log = trial_log(runs_dir, args.study) / f"t{trial.number}.log"
+    log = search_folder(runs_dir, args.study) / f"t{trial.number}.log"
     console.info(f"{name} running: {describe_values(trial.params)}"
-                 + (f", resuming {resumed}" if "--resume" in command else "") + f" (log: {log})")
+                 + (f", resuming {resumed}" if resumed else "") + f" (log: {log})")
     started = time.perf_counter()
     outcome = run_train_process(command, log, signals, runs_dir,
                                 on_run_folder=lambda run: trial.set_user_attr("run", str(run)))
     seconds = time.perf_counter() - started
-    results = read_results(outcome.run) if outcome.run else None
+    results = read_results(RunPaths(outcome.run)) if outcome.run else None
     loss = results.get("full_split_val_loss") if results else None
     if outcome.exit_code == 0 and loss is not None and math.isfinite(loss):
         trial.set_user_attr("bpc", bits_per_character(loss))
@@ -249,7 +253,7 @@ def finish(study: optuna.Study, trial: optuna.Trial, ended: str, value: float | 
         print(f"trial {trial.number}: {values}: failed: {error}{where}", flush=True)
 
 
-def report(study: optuna.Study, fixed_flags: list[str], url: str) -> None:
+def report(study: optuna.Study, space: SearchSpace, fixed_flags: list[str], url: str) -> None:
     """The best trials as a table, and the train.py command that repeats the best one."""
     trials = study.get_trials(deepcopy=False)
     done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
@@ -265,8 +269,7 @@ def report(study: optuna.Study, fixed_flags: list[str], url: str) -> None:
               f"{trial.user_attrs['training_seconds']:>7.0f}  "
               f"{describe_values(trial.params)}{baseline}")
     best = done[0]
-    space_fixed = json.loads(study.user_attrs["started_with"]["space"])["fixed"]
-    command = ["python", "train.py", *fixed_flags, *trial_flags({**space_fixed, **best.params})]
+    command = ["python", "train.py", *fixed_flags, *trial_flags({**space.fixed, **best.params})]
     print(f"\nbest: trial {best.number}, run folder {best.user_attrs.get('run')}")
     print(f"repeat it: {shlex.join(command)}")
     if url.startswith("sqlite:///"):
@@ -277,10 +280,6 @@ def describe_values(params: Mapping[str, Any]) -> str:
     shown = [f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
              for key, value in params.items()]
     return " ".join(shown) or "the config as given"
-
-
-def trial_log(runs_dir: Path, study: str) -> Path:
-    return Path(runs_dir) / "search" / study
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import pytest
 
 import search
 from tests.conftest import BIN, PROJECT_ROOT, free_port, run_script, serve_and_get
-from utils.study import ended_as
+from utils.search_space import SearchSpace, trial_flags
+from utils.study import StudyError, ended_as, open_study
 
 # train.py's smallest runs; a trial takes about 3 s, most of it starting Python and torch
 TINY_TRIAL = ["--n-layer", "1", "--n-embd", "16", "--block-size", "16", "--batch-size", "2",
@@ -110,12 +111,19 @@ def test_a_search_runs_trials_reports_the_best_and_continues(workdir):
     assert len(load(workdir, "s").trials) == 4
 
 
-def test_ctrl_c_stops_the_trial_like_train_py_and_the_same_command_resumes_it(workdir):
-    fixed = ["--study", "c", "--trials", "1", *TINY_TRIAL, "--max-iters", "1500",
+def start_long_trial(workdir: Path, study: str) -> tuple[list[str], subprocess.Popen]:
+    """A one-trial search whose trial runs for seconds; returns its flags and process once the
+    trial has written its first checkpoint."""
+    fixed = ["--study", study, "--trials", "1", *TINY_TRIAL, "--max-iters", "1500",
              "--eval-interval", "1500", "--checkpoint-interval", "20"]
     search_process = start_search(workdir, *fixed)
-    wait_for(lambda: list(workdir.glob("runs/*_c-t0/artifacts/checkpoints/last.*")),
+    wait_for(lambda: list(workdir.glob(f"runs/*_{study}-t0/artifacts/checkpoints/last.*")),
              "the trial's first checkpoint", search_process)
+    return fixed, search_process
+
+
+def test_ctrl_c_stops_the_trial_like_train_py_and_the_same_command_resumes_it(workdir):
+    fixed, search_process = start_long_trial(workdir, "c")
     search_process.send_signal(signal.SIGINT)
     out, err = search_process.communicate(timeout=120)
     assert search_process.returncode == 130, err
@@ -144,11 +152,7 @@ def test_ctrl_c_stops_the_trial_like_train_py_and_the_same_command_resumes_it(wo
 
 
 def test_a_killed_search_stops_its_trial_and_the_next_search_resumes_it(workdir):
-    fixed = ["--study", "k", "--trials", "1", *TINY_TRIAL, "--max-iters", "1500",
-             "--eval-interval", "1500", "--checkpoint-interval", "20"]
-    search_process = start_search(workdir, *fixed)
-    wait_for(lambda: list(workdir.glob("runs/*_k-t0/artifacts/checkpoints/last.*")),
-             "the trial's first checkpoint", search_process)
+    fixed, search_process = start_long_trial(workdir, "k")
     search_process.kill()
     search_process.communicate(timeout=60)
     (run,) = workdir.glob("runs/*_k-t0")
@@ -224,6 +228,9 @@ BAD_SPACES = {
     "unknown range key": ("n_layer: {low: 1, high: 4, steps: 2}",
                           "search space space.yaml: n_layer: unknown key 'steps' in a range"),
     "not a mapping": ("- learning_rate", "search space space.yaml must map train.py settings"),
+    "a duration that is not one": ("time_budget: soon",
+                                   "search space space.yaml: time_budget: expected a duration "
+                                   "such as 300, 300s or 5m or none, got 'soon'"),
 }
 
 
@@ -254,6 +261,9 @@ BAD_FLAGS = {
                                "--storage's folder corpus.txt is a file, not a folder"),
     "a bad train.py flag": (["--batch-size", "0"], "batch_size"),
     "a train.py flag search does not take": (["--resume", "latest"], "unknown flag --resume"),
+    "a sampler seed out of range": (["--sampler-seed", "-1"], "--sampler-seed must be in [0, "),
+    "someone else's file as the journal": (["--storage", "corpus.txt"],
+                                           "--storage corpus.txt is not an Optuna journal"),
 }
 
 
@@ -267,3 +277,27 @@ def test_a_bad_flag_is_refused_in_one_line_before_anything_is_made(workdir, caps
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
     assert message in err
     assert sorted(p.name for p in workdir.iterdir()) == before
+
+
+def test_a_study_refuses_to_continue_with_another_space(tmp_path):
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "study.journal")))
+    sampler = optuna.samplers.RandomSampler()
+    open_study("s", storage, "space A", ["--max-iters", "10"], "python search.py A", sampler)
+    with pytest.raises(StudyError, match=r"^study s was started with another search space: "
+                                         r"python search\.py A; continue it with the same"):
+        open_study("s", storage, "space B", ["--max-iters", "10"], "python search.py B",
+                   sampler)
+    # the same space and flags continue it
+    open_study("s", storage, "space A", ["--max-iters", "10"], "python search.py A", sampler)
+
+
+def test_the_baseline_keeps_every_current_value_the_space_allows(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("learning_rate: {low: 0.01, high: 0.1}\nschedule: {choices: [cosine]}\n")
+    space = SearchSpace.read(path)
+    # a range takes the current value even outside it; a list only one of its choices
+    assert space.baseline({"learning_rate": 0.003, "schedule": "wsd"}) == (
+        {"learning_rate": 0.003}, ["schedule"])
+    assert trial_flags({"learning_rate": 0.1 + 0.2, "bias": False, "head_lr": None}) == [
+        "--learning-rate", "0.30000000000000004", "--no-bias", "--head-lr", "none"]

@@ -327,14 +327,18 @@ def _field_spec(name: str) -> dataclasses.Field:
     return next(f for f in dataclasses.fields(USER_FIELDS[name]) if f.name == name)
 
 
+def describe_field(name: str) -> str:
+    """What a value of the config field `name` must be, in words ("a duration ... or none")."""
+    return describe_expected(field_type(name), _field_spec(name).metadata)
+
+
 def coerce(key: str, raw: Any, from_text: bool, source: str) -> Any:
     """raw as the field's type; text from env vars and flags is parsed, file values checked."""
-    annotation, metadata = field_type(key), _field_spec(key).metadata
     try:
-        return convert(annotation, metadata, raw, from_text)
+        return convert(field_type(key), _field_spec(key).metadata, raw, from_text)
     except ValueError:
-        expected = describe_expected(annotation, metadata)
-        raise ConfigError(f"{key}: expected {expected}, got {raw!r} (from {source})") from None
+        raise ConfigError(f"{key}: expected {describe_field(key)}, got {raw!r} "
+                          f"(from {source})") from None
 
 
 def _build_config(merged: Mapping[str, tuple[Any, str]]) -> Config:

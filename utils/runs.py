@@ -110,6 +110,14 @@ def write_results(run: RunPaths, results: Mapping[str, Any]) -> None:
     atomic_write_text(run.meta / "results.json", json.dumps(results, indent=2) + "\n")
 
 
+def read_results(run: RunPaths) -> dict[str, Any] | None:
+    """meta/results.json, or None where the run has none (it never got that far)."""
+    try:
+        return json.loads((run.meta / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def record_config(run: RunPaths, config: Config) -> None:
     """Rewrite meta/full_config.json with the config the run now trains by (a budgeted run's
     pace check can change its max_iters)."""

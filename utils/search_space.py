@@ -25,8 +25,8 @@ import optuna
 import yaml
 
 from utils.config import USER_FIELDS
-from utils.config_loader import ConfigError, coerce, field_type, suggest_key
-from utils.config_values import describe_expected, split_optional
+from utils.config_loader import ConfigError, coerce, describe_field, field_type, suggest_key
+from utils.config_values import split_optional
 from utils.errors import UserError
 
 RANGE_KEYS = ("low", "high", "log", "step")
@@ -148,8 +148,8 @@ def _value(key: str, raw: Any, where: str) -> Any:
     try:
         return coerce(key, raw, from_text=False, source="the search space")
     except ConfigError:
-        raise SearchSpaceError(f"{where}: expected {describe_expected(field_type(key), {})}, "
-                               f"got {raw!r}") from None
+        raise SearchSpaceError(f"{where}: expected {describe_field(key)}, got {raw!r}") \
+            from None
 
 
 def _choices(key: str, entry: dict, where: str) -> optuna.distributions.CategoricalDistribution:
@@ -173,8 +173,8 @@ def _range(key: str, entry: dict, where: str) -> optuna.distributions.BaseDistri
                                "low, high, log and step, a list takes choices")
     kind = split_optional(field_type(key))[1]
     if kind not in (int, float):
-        raise SearchSpaceError(f"{where}: takes {describe_expected(field_type(key), {})}, so "
-                               "it has no range; give {choices: [...]} or one value")
+        raise SearchSpaceError(f"{where}: takes {describe_field(key)}, so it has no range; "
+                               "give {choices: [...]} or one value")
     missing = [name for name in ("low", "high") if name not in entry]
     if missing:
         raise SearchSpaceError(f"{where}: a range needs low and high (missing "

@@ -29,7 +29,7 @@ from utils.config import RUN_TAG_PATTERN
 from utils.errors import UserError
 from utils.output_paths import check_output_folder
 
-DEFAULT_STORAGE = "search/studies.db"  # under the runs folder
+SEARCH_FOLDER = "search"  # under the runs folder: the default storage and the trials' logs
 RERUN_ENDS = ("interrupted", "lost")
 BEYOND_CAP = "beyond the cap"
 
@@ -49,7 +49,13 @@ def storage_url(given: str | None, runs_dir: Path) -> str:
     """The storage to open: --storage as given, or a SQLite file under the runs folder."""
     if given:
         return given
-    return f"sqlite:///{Path(runs_dir) / DEFAULT_STORAGE}"
+    return f"sqlite:///{search_folder(runs_dir) / 'studies.db'}"
+
+
+def search_folder(runs_dir: Path, study: str | None = None) -> Path:
+    """Where searches keep their default storage (and, per study, the trials' logs)."""
+    folder = Path(runs_dir) / SEARCH_FOLDER
+    return folder / study if study else folder
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
@@ -202,11 +208,3 @@ def process_alive(pid: int) -> bool:
 
 def this_process() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid()}
-
-
-def read_results(run: Path) -> dict[str, Any] | None:
-    """The run's meta/results.json, or None where it has none (it never got that far)."""
-    try:
-        return json.loads((run / "meta" / "results.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
