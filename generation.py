@@ -6,6 +6,8 @@ Copy it with model.py, the one project file it needs.
     ids = generate(model, prompt_ids, 200, top_k=10)            # (B, T + 200)
     for next_ids in generate_stream(model, prompt_ids, 200, SamplingConfig(temperature=0.8)):
         ...                                                      # (B,) as each is sampled
+    for step in generate_steps(model, prompt_ids, 200):        # each token with the logits
+        ...                                                      # and context it came from
 """
 
 from __future__ import annotations
@@ -52,7 +54,16 @@ class SamplingConfig:
             )
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class SampledStep:
+    """One generation step: the tokens drawn (B,), the model's logits (B, vocab) they were
+    drawn from, and the context (B, t) the repetition penalty saw."""
+
+    ids: torch.Tensor
+    logits: torch.Tensor
+    context: torch.Tensor
+
+
 def generate_stream(
     model: LanguageModel,
     idx: torch.Tensor,
@@ -62,7 +73,25 @@ def generate_stream(
     use_cache: bool = True,
     step: DecodeStep | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield each new token (B,) as it is sampled after the prompt idx (B, T).
+    """Yield each new token (B,) as it is sampled after the prompt idx (B, T); the arguments
+    as in generate_steps."""
+    for sampled in generate_steps(model, idx, max_new_tokens, sampling, generator, use_cache,
+                                  step):
+        yield sampled.ids
+
+
+@torch.no_grad()
+def generate_steps(
+    model: LanguageModel,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    step: DecodeStep | None = None,
+) -> Iterator[SampledStep]:
+    """Yield each step after the prompt idx (B, T): the tokens sampled, with the logits and
+    context they were sampled from.
 
     Context policy past block_size: the window holds at most block_size tokens. When one more
     would not fit, the window restarts from the most recent half of the text (latest token
@@ -82,7 +111,7 @@ def generate_stream(
     logits, _ = model(text, cache=cache)
     for count in range(1, max_new_tokens + 1):
         next_id = sample_next(logits[:, -1], sampling, text, generator)  # (B,)
-        yield next_id
+        yield SampledStep(next_id, logits[:, -1], text)
         if count == max_new_tokens:
             break
         text = torch.cat([text, next_id[:, None]], dim=1)[:, -block_size:]
@@ -115,7 +144,7 @@ def generate(
     step: DecodeStep | None = None,
 ) -> torch.Tensor:
     """The prompt idx (B, T) followed by max_new_tokens sampled ids: (B, T + max_new_tokens);
-    step as in generate_stream."""
+    step as in generate_steps."""
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
     new = list(generate_stream(model, idx, max_new_tokens, sampling, generator, use_cache, step))
     return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
@@ -131,14 +160,7 @@ def sample_next(
 
     context (B, T) holds the tokens the repetition penalty applies to.
     """
-    logits = logits.float()
-    if sampling.repetition_penalty != 1.0 and context is not None:
-        # CTRL-style: make already-seen tokens less likely whatever the sign of their logit
-        seen = logits.gather(1, context)
-        penalised = torch.where(
-            seen > 0, seen / sampling.repetition_penalty, seen * sampling.repetition_penalty
-        )
-        logits = logits.scatter(1, context, penalised)
+    logits = penalise_repetition(logits.float(), sampling, context)
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
     probs = sampling_probabilities(logits, sampling)
@@ -147,6 +169,29 @@ def sample_next(
     # the largest p_i / q_i with q_i ~ Exp(1) is token i with probability p_i
     noise = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / noise).argmax(dim=-1)
+
+
+def draw_probabilities(logits: torch.Tensor, sampling: SamplingConfig,
+                       context: torch.Tensor | None = None) -> torch.Tensor:
+    """The probabilities (B, vocab) sample_next draws from, after every sampling setting
+    reshaped the model's: greedy puts all of it on one token."""
+    logits = penalise_repetition(logits.float(), sampling, context)
+    if sampling.temperature == 0:
+        return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
+    return sampling_probabilities(logits, sampling)
+
+
+def penalise_repetition(logits: torch.Tensor, sampling: SamplingConfig,
+                        context: torch.Tensor | None) -> torch.Tensor:
+    """CTRL-style: tokens already in the context (B, T) made less likely, whatever the sign
+    of their logit."""
+    if sampling.repetition_penalty == 1.0 or context is None:
+        return logits
+    seen = logits.gather(1, context)
+    penalised = torch.where(
+        seen > 0, seen / sampling.repetition_penalty, seen * sampling.repetition_penalty
+    )
+    return logits.scatter(1, context, penalised)
 
 
 def sampling_probabilities(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:

@@ -15,15 +15,23 @@ from pathlib import Path
 import torch
 
 from generation import SamplingConfig
-from model import ConfigFieldError, ModelConfig
-from tokenizer import CharTokenizer, UnknownCharactersError
+from model import ModelConfig
+from tokenizer import CharTokenizer
 from utils import console
-from utils.config import DTYPES, MAX_SEED
+from utils.config import DTYPES
 from utils.config_loader import ArgumentParser
 from utils.decoding import Decoder, compile_decode_step, cpu_decoder, decode_weights
 from utils.device import autocast, check_memory, resolve_device, resolve_dtype
 from utils.errors import UserError
 from utils.runs import load_run_model
+from utils.sampling import (
+    StopFilter,
+    check_at_least_one,
+    check_prompt,
+    check_seed,
+    encode_prompt,
+    sampling_settings,
+)
 
 SAMPLE_SEPARATOR = "\n---------------\n"
 
@@ -73,38 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="recompute the whole context every step (the slow reference path)")
     add("--no-stream", action="store_true", help="print each sample only once it is complete")
     return parser
-
-
-class StopFilter:
-    """Turns streamed pieces of one sample into text safe to show, ending at a stop string.
-
-    Text that could still be the start of a stop string is held back until it is ruled out,
-    so the output never shows a partial match that later turns out to be a stop string.
-    """
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-        self.stopped = False
-
-    def feed(self, piece: str) -> str:
-        if self.stopped:
-            return ""
-        self.pending += piece
-        matches = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if matches:
-            self.stopped = True
-            shown, self.pending = self.pending[:min(matches)], ""
-            return shown
-        held = max((k for s in self.stops for k in range(1, len(s))
-                    if self.pending.endswith(s[:k])), default=0)
-        shown = self.pending[:len(self.pending) - held]
-        self.pending = self.pending[len(shown):]
-        return shown
-
-    def flush(self) -> str:
-        shown, self.pending = ("" if self.stopped else self.pending), ""
-        return shown
 
 
 @dataclass
@@ -161,23 +137,16 @@ def read_prompt(args: argparse.Namespace) -> str:
             prompt = args.prompt_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise UserError(f"cannot read --prompt-file {args.prompt_file}: {error}") from None
-    if not prompt:
-        raise UserError("the prompt is empty; pass --prompt TEXT with at least one character")
+    check_prompt(prompt)
     return prompt
 
 
 def check_args(args: argparse.Namespace) -> SamplingConfig:
-    for name in ("max_new_tokens", "num_samples"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, "
-                            f"got {getattr(args, name)}")
-    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
-        raise UserError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
-    try:
-        return SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p,
-                              args.repetition_penalty)
-    except ConfigFieldError as error:
-        raise UserError(f"--{error.fields[0].replace('_', '-')}: {error}") from None
+    check_at_least_one("max_new_tokens", args.max_new_tokens)
+    check_at_least_one("num_samples", args.num_samples)
+    check_seed(args.seed)
+    return sampling_settings(args.temperature, args.top_k, args.top_p, args.min_p,
+                             args.repetition_penalty)
 
 
 def generate(argv: Sequence[str]) -> int:
@@ -208,11 +177,7 @@ def generate(argv: Sequence[str]) -> int:
     check_memory(cache_bytes(saved.model.config, args.num_samples), device,
                  f"the key-value cache of {args.num_samples:,} samples would",
                  "lower --num-samples")
-    try:
-        prompt_ids = torch.tensor([tokenizer.encode(prompt)], device=device)
-    except UnknownCharactersError as error:
-        raise UserError(f"the prompt has {error}; the model knows only the characters of its "
-                        "training text") from None
+    prompt_ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=device)
     prompt_ids = prompt_ids.repeat(args.num_samples, 1)
     if device.type == "cpu":
         # weights laid out once for decoding; bfloat16 and int8 live in the weights, so the

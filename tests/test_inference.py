@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import save_file
 
 import inference
-from inference import StopFilter
 from model import LanguageModel, ModelConfig
 from tests.conftest import randomised
 from tokenizer import CharTokenizer
@@ -19,6 +18,7 @@ from utils import decoding, private_torch
 from utils.checkpoint import load_export, save_export, weights_of
 from utils.decoding import DecodeLinear
 from utils.runs import create_run
+from utils.sampling import StopFilter
 
 VOCAB = "\nabcdefghijklmnopqrstuvwxyz .,"
 

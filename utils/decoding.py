@@ -60,6 +60,14 @@ class Decoder:
         return generation.generate_stream(self.model, idx, max_new_tokens, sampling, generator,
                                           use_cache, step=self.compiled_step)
 
+    def generate_steps(self, idx: torch.Tensor, max_new_tokens: int,
+                       sampling: generation.SamplingConfig | None = None,
+                       generator: torch.Generator | None = None
+                       ) -> Iterator[generation.SampledStep]:
+        """generation.generate_steps, the cached steps through the compiled step."""
+        return generation.generate_steps(self.model, idx, max_new_tokens, sampling, generator,
+                                         step=self.compiled_step)
+
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling: Any) -> torch.Tensor:
         """generation.generate, the cached steps through the compiled step."""
         return generation.generate(self.model, idx, max_new_tokens, step=self.compiled_step,
