@@ -37,6 +37,7 @@ import export
 import inference
 import profile_model
 import search
+import serve
 import train
 from utils.config import USER_FIELDS
 from utils.config_loader import ConfigLoader
@@ -84,6 +85,9 @@ SCRIPTS = {
                                lambda: profile_model.build_parser(ConfigLoader()),
                                (*TINY_RUN, "--steps", "1", "--warmup", "0"),
                                (profile_model, "init_state")),
+    "serve.py": Script(serve.main, serve.build_parser,
+                       ("--runs-dir", "runs", "--run", "trained", "--port", "0"),
+                       (serve, "serve_forever")),
     "search.py": Script(search.main, lambda: search.build_parser(ConfigLoader()),
                         ("--study", "generated", "--trials", "1", "--space", "space.yaml",
                          *TINY_RUN), (search, "open_study")),

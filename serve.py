@@ -1,0 +1,277 @@
+"""See what a trained model thinks: a local page that streams samples with each character's
+odds, scores any text character by character, and compares two runs on one prompt.
+
+Usage: python serve.py [--run latest] [--runs-dir runs] [--host 127.0.0.1] [--port 8000]
+
+The page is served from static/ (no CDN: it works offline). The API under it, JSON in and out:
+    GET  /health         the server is up: the runs folder, the models loaded, the generations
+                         streaming now
+    GET  /api/runs       the runs under the runs folder, newest first, with results.json's
+                         full-split val loss and bits per character, and their checkpoints
+    POST /api/generate   {"run", "checkpoint", "prompt", "max_new_tokens", "temperature",
+                         "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop"}
+                         (inference.py's flags and defaults): a stream of JSON lines, a start
+                         event, one event per character (its probability and the top ten
+                         candidates before and after the sampling settings), an end event with
+                         the tokens, tokens/s and the seed. The same run, prompt and seed give
+                         the characters inference.py gives.
+    POST /api/score      {"run", "checkpoint", "text"}: each character's surprise in bits and
+                         the text's bits per character
+A bad request is answered 4xx with {"error": "<the line the command line prints>"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import errno
+import ipaddress
+import json
+import os
+import socket
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from utils import console
+from utils.config_loader import ArgumentParser
+from utils.device import resolve_device
+from utils.errors import USER_ERRORS, UserError
+from utils.serving import (
+    LATEST,
+    GenerationRequest,
+    Limits,
+    ModelCache,
+    RunCatalog,
+    ScoreRequest,
+    generation_events,
+    prepare_generation,
+    score_text,
+)
+
+STATIC = Path(__file__).resolve().parent / "static"
+LOOPBACK = "127.0.0.1"
+LISTEN_BACKLOG = 128
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description=__doc__, allow_abbrev=False,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--run", default=LATEST,
+        help="the run the page opens on: a folder name under --runs-dir, or 'latest' for the "
+             "newest run with an export (default: latest)")
+    add("--runs-dir", type=Path, default=Path("runs"),
+        help="the runs the page lists and serves; only runs inside it (default: runs)")
+    add("--host", default=LOOPBACK,
+        help="address to listen on (default: 127.0.0.1, this machine only); 0.0.0.0 opens "
+             "the page to the network")
+    add("--port", type=int, default=8000,
+        help="port to listen on; 0 = any free one, printed (default: 8000)")
+    add("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default: cpu)")
+    add("--num-threads", type=int,
+        help="CPU threads each generation's matrix products use (default: torch's, all "
+             "cores); several clients at once share the cores better with 1 (BENCHMARKS.md)")
+    add("--max-loaded", type=int, default=3,
+        help="models kept loaded at once; the least recently used goes first (default: 3)")
+    add("--max-new-tokens", type=int, default=Limits.max_new_tokens,
+        help=f"the most characters one generation may ask for (default: "
+             f"{Limits.max_new_tokens})")
+    add("--max-score-chars", type=int, default=Limits.max_score_chars,
+        help=f"the longest text one score may ask for (default: {Limits.max_score_chars})")
+    return parser
+
+
+class ActiveGenerations:
+    """How many generations are streaming now (GET /health shows it)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def track(self, events: Iterator[dict[str, Any]]) -> Iterator[str]:
+        """The events as JSON lines, counted as active from the first to the last, or until
+        the client goes away and the stream is closed."""
+        with self._lock:
+            self.count += 1
+        try:
+            for event in events:
+                yield json_line(event)
+        except USER_ERRORS as error:  # after the stream began: the last line says why
+            yield json_line({"type": "error", "error": str(error)})
+        finally:
+            with self._lock:
+                self.count -= 1
+
+
+def json_line(event: dict[str, Any]) -> str:
+    return json.dumps(event, ensure_ascii=False) + "\n"
+
+
+def create_app(catalog: RunCatalog, cache: ModelCache, limits: Limits,
+               default_run: str) -> FastAPI:
+    """The page and its API over the runs of catalog."""
+    app = FastAPI(title="chargpt", docs_url=None, redoc_url=None, openapi_url=None)
+    active = ActiveGenerations()
+
+    @app.exception_handler(UserError)
+    async def user_error(_: Request, error: UserError) -> JSONResponse:
+        return JSONResponse({"error": str(error)}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": describe_invalid(error)}, status_code=422)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "runs_dir": str(catalog.runs_dir),
+                "loaded": cache.loaded(), "active_generations": active.count}
+
+    @app.get("/api/runs")
+    def runs() -> dict[str, Any]:
+        return {"default": default_run, "runs": [vars(s) for s in catalog.summaries()]}
+
+    @app.post("/api/generate")
+    async def generate(request: GenerationRequest) -> StreamingResponse:
+        loaded = await run_in_threadpool(cache.get, request.run, request.checkpoint)
+        sampling, prompt_ids, seed = prepare_generation(loaded, request, limits)
+        events = generation_events(loaded, request, sampling, prompt_ids, seed)
+        # a plain iterator: Starlette draws each line in a worker thread, off the event loop,
+        # and stops drawing (and closes it) when the client goes away
+        return StreamingResponse(active.track(events), media_type="application/x-ndjson")
+
+    @app.post("/api/score")
+    def score(request: ScoreRequest) -> dict[str, Any]:
+        return score_text(cache.get(request.run, request.checkpoint), request.text, limits)
+
+    @app.get("/")
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def describe_invalid(error: RequestValidationError) -> str:
+    """The first problem pydantic found in a request body, as one line in the command
+    line's words."""
+    problem = error.errors()[0]
+    where = [str(part) for part in problem.get("loc", ()) if part != "body"]
+    name = where[0] if where else "the body"
+    kind = problem.get("type", "")
+    if kind == "extra_forbidden":
+        fields = {*GenerationRequest.model_fields, *ScoreRequest.model_fields}
+        close = difflib.get_close_matches(name, sorted(fields), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "python serve.py --help lists them"
+        return f"unknown field {name!r}; {hint}"
+    if kind == "json_invalid":
+        return f"the request body is not valid JSON: {problem.get('msg', '')}"
+    expected = {"float": "a finite number", "int": "an integer", "string": "text",
+                "list": "a list of strings", "model": "a JSON object"}
+    for prefix, words in expected.items():
+        if kind.startswith(prefix) or kind.startswith(f"{prefix}_"):
+            return f"argument --{name.replace('_', '-')}: expected {words}, got " \
+                   f"{problem.get('input')!r}"
+    return f"argument --{name.replace('_', '-')}: {problem.get('msg', 'invalid')}"
+
+
+def open_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, or a UserError saying why not."""
+    if not 0 <= port < 65536:
+        raise UserError(f"--port must be in [0, 65535] (0 = any free port), got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)  # from here connections wait for the server, not fail
+    except (socket.gaierror, UnicodeError, TypeError, ValueError):  # no such name, or no name
+        sock.close()
+        raise UserError(f"--host {host!r} is not an address of this machine; pass "
+                        f"{LOOPBACK} or 0.0.0.0") from None
+    except OSError as error:
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} is in use; pass another with --port, e.g. "
+                            f"--port {port + 1}") from None
+        raise UserError(f"cannot listen on {host}:{port}: {error.strerror}; pass another "
+                        "--host or --port") from None
+    return sock
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def serve(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("max_loaded", "max_new_tokens", "max_score_chars"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, "
+                            f"got {getattr(args, name)}")
+    cores = os.cpu_count() or 1
+    if args.num_threads is not None and not 1 <= args.num_threads <= cores:
+        raise UserError(f"--num-threads must be in [1, {cores}] on this machine (its CPU "
+                        f"cores), got {args.num_threads}")
+    catalog = RunCatalog(args.runs_dir)
+    if not catalog.has_runs():
+        raise UserError(f"runs folder {args.runs_dir} does not exist; train a run with python "
+                        "train.py, or pass --runs-dir")
+    if not catalog.summaries():
+        raise UserError(f"no runs in {args.runs_dir}/ with an export or a checkpoint; train "
+                        "one with python train.py")
+    device = resolve_device(args.device)
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    cache = ModelCache(catalog, device, args.max_loaded)
+    # a run that cannot be served is refused before listening
+    first = cache.get(run_name(args.run, args.runs_dir))
+    limits = Limits(args.max_new_tokens, args.max_score_chars)
+    with open_socket(args.host, args.port) as sock:
+        app = create_app(catalog, cache, limits, first.run_id)
+        if not is_loopback(args.host):
+            console.warn(f"listening on {args.host}: anyone who can reach this machine can use "
+                         "the page and its API")
+        shown_host = "localhost" if args.host in (LOOPBACK, "0.0.0.0") else args.host
+        print(f"serving {first.run_id} and the runs in {args.runs_dir}/ at "
+              f"http://{shown_host}:{sock.getsockname()[1]}/ (Ctrl-C stops)", flush=True)
+        serve_forever(app, sock)
+    return 0
+
+
+def run_name(run: str, runs_dir: Path) -> str:
+    """--run as the API names runs: a folder path inside runs_dir (runs/<id>, as inference.py
+    takes it) becomes its name."""
+    path = Path(run)
+    if len(path.parts) > 1 and path.parent.resolve() == runs_dir.resolve():
+        return path.name
+    return run
+
+
+def serve_forever(app: FastAPI, sock: socket.socket) -> None:
+    """Serve on the bound socket until Ctrl-C (or SIGTERM)."""
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down cleanly, then passes Ctrl-C on
+        console.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return console.run_main(serve, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

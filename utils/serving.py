@@ -1,0 +1,404 @@
+"""What serve.py shows of trained runs: the runs under a runs folder, their models loaded a few
+at a time, a generation as a stream of events with each character's odds, and a text scored
+character by character.
+
+Everything here is plain Python on top of the core and utils/: serve.py puts it on the web.
+Every problem a user can fix is a UserError whose words are the command line's.
+
+    catalog = RunCatalog(Path("runs"))
+    loaded = ModelCache(catalog, device, capacity=3).get("20261207_143708_run", "export")
+    for event in generation_events(loaded, GenerationRequest(prompt="ROMEO:"), limits):
+        ...                            # {"type": "start"}, {"type": "char"}..., {"type": "end"}
+    scored = score_text(loaded, "To be, or not to be", limits)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import torch
+import torch.nn.functional as F
+
+from generation import SamplingConfig, draw_probabilities
+from model import LanguageModel, ModelConfig
+from tokenizer import CharTokenizer, UnknownCharactersError
+from utils.checkpoint import CHECKPOINT_SUFFIX, WEIGHTS_FILE
+from utils.decoding import Decoder, cpu_decoder
+from utils.errors import UserError
+from utils.runs import RunPaths, load_run_model, read_results
+from utils.sampling import (
+    StopFilter,
+    check_at_least_one,
+    check_seed,
+    encode_prompt,
+    sampling_settings,
+)
+
+EXPORT = "export"  # the checkpoint name that stands for the run's final export
+LATEST = "latest"  # the run name that stands for the newest run with an export
+CHECKPOINT_NAME = re.compile(r"(best|last|step_\d+)")
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+TOP_CANDIDATES = 10  # the candidates shown for each generated character
+SCORE_CANDIDATES = 5  # and for each scored one: a long text's answer stays small
+BITS_PER_NAT = 1 / math.log(2)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server."""
+
+    max_new_tokens: int = 2000
+    max_score_chars: int = 20_000
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One row of the run picker."""
+
+    id: str
+    tag: str
+    date: str | None
+    parameters: int | None
+    full_split_val_loss: float | None
+    full_split_val_bpc: float | None
+    steps: int | None
+    checkpoints: list[str]
+
+
+class RunCatalog:
+    """The runs directly under one runs folder, named by their folder name alone: a name with
+    a path in it, or a folder that leads out of the runs folder (a symlink), is refused."""
+
+    def __init__(self, runs_dir: Path) -> None:
+        self.runs_dir = Path(runs_dir)
+
+    def summaries(self) -> list[RunSummary]:
+        """Every run with an export or a checkpoint, newest first."""
+        found = []
+        for folder in sorted(self.runs_dir.iterdir(), reverse=True) if self.has_runs() else []:
+            if folder.is_dir() and RUN_ID.fullmatch(folder.name) and self._inside(folder):
+                run = RunPaths(folder)
+                checkpoints = checkpoint_names(run)
+                if checkpoints:
+                    found.append(summarize(run, checkpoints))
+        return found
+
+    def has_runs(self) -> bool:
+        return self.runs_dir.is_dir()
+
+    def resolve(self, run_id: str) -> RunPaths:
+        """The run folder run_id names ('latest': the newest run with an export), or a
+        UserError saying why it cannot be served."""
+        if run_id == LATEST:
+            newest = next((s.id for s in self.summaries() if EXPORT in s.checkpoints), None)
+            if newest is None:
+                raise UserError(f"no run with an export in {self.runs_dir}/; train one with "
+                                "python train.py")
+            run_id = newest
+        if not RUN_ID.fullmatch(run_id):
+            raise UserError(f"run {run_id!r} is not a run id: name a folder of "
+                            f"{self.runs_dir}/ by its name alone, such as "
+                            "20261207_143708_baseline")
+        folder = self.runs_dir / run_id
+        if not folder.is_dir():
+            raise UserError(f"no run {run_id!r} in {self.runs_dir}/; GET /api/runs lists them")
+        if not self._inside(folder):
+            raise UserError(f"run {run_id!r} leads out of {self.runs_dir}/; only runs inside "
+                            "it are served")
+        return RunPaths(folder)
+
+    def _inside(self, folder: Path) -> bool:
+        return folder.resolve().parent == self.runs_dir.resolve()
+
+
+def checkpoint_names(run: RunPaths) -> list[str]:
+    """What can be loaded from the run: its export first, then best, last and step_N."""
+    names = [EXPORT] if (run.export / WEIGHTS_FILE).is_file() else []
+    saved = [p.name.removesuffix(CHECKPOINT_SUFFIX)
+             for p in run.checkpoints.glob(f"*{CHECKPOINT_SUFFIX}")]
+    names += [n for n in ("best", "last") if n in saved]
+    steps = [n for n in saved if CHECKPOINT_NAME.fullmatch(n) and n.startswith("step_")]
+    names += sorted(steps, key=lambda n: -int(n.removeprefix("step_")))  # newest first
+    return names
+
+
+def summarize(run: RunPaths, checkpoints: list[str]) -> RunSummary:
+    """The run picker's row: what the run's meta folder says, where it says it."""
+    config = read_json(run.meta / "full_config.json") or {}
+    results = read_results(run) or {}
+    train = config.get("train", {})
+    return RunSummary(
+        id=run.run_id, tag=str(train.get("run_tag", "")), date=run_date(run.run_id),
+        parameters=parameter_count(config.get("model")),
+        full_split_val_loss=results.get("full_split_val_loss"),
+        full_split_val_bpc=results.get("full_split_val_bpc"), steps=results.get("steps"),
+        checkpoints=checkpoints)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def run_date(run_id: str) -> str | None:
+    """The start time a run id begins with (YYYYMMDD_HHMMSS), as ISO 8601."""
+    try:
+        return datetime.strptime(run_id[:15], "%Y%m%d_%H%M%S").isoformat()
+    except ValueError:
+        return None
+
+
+def parameter_count(model_config: dict[str, Any] | None) -> int | None:
+    """The parameters of the model a saved config describes, counted without building it."""
+    if not model_config:
+        return None
+    try:
+        fields = {k: v for k, v in model_config.items()
+                  if k in ModelConfig.__dataclass_fields__}
+        with torch.device("meta"):
+            return LanguageModel(ModelConfig(**fields)).num_parameters()
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class LoadedModel:
+    """A run's model ready to serve: the model to score with and a decoder to generate with."""
+
+    run_id: str
+    checkpoint: str
+    model: LanguageModel
+    decoder: Decoder
+    tokenizer: CharTokenizer
+    device: torch.device
+    turns: threading.Lock  # held for each step of a generation
+
+
+class ModelCache:
+    """The last `capacity` models asked for, loaded on first use through the loader
+    inference.py uses. Loads are one at a time; a model evicted while a generation still uses
+    it lives on until that generation ends.
+
+    Generations take turns: each step holds one lock shared by every model, so the steps of
+    several clients run one after another, each with all the cores, instead of all at once
+    fighting over the cores and Python's GIL, which is several times slower in all
+    (BENCHMARKS.md, serve.py under load)."""
+
+    def __init__(self, catalog: RunCatalog, device: torch.device, capacity: int = 3) -> None:
+        self.catalog, self.device, self.capacity = catalog, device, capacity
+        self._models: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+        self._turns = threading.Lock()
+
+    def get(self, run_id: str, checkpoint: str = EXPORT) -> LoadedModel:
+        run = self.catalog.resolve(run_id)
+        if checkpoint != EXPORT and not CHECKPOINT_NAME.fullmatch(checkpoint):
+            raise UserError(f"checkpoint {checkpoint!r} is not one a run has: name export, "
+                            "best, last or step_N")
+        key = (run.run_id, checkpoint)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            loaded = self._load(run, checkpoint)
+            self._models[key] = loaded
+            while len(self._models) > self.capacity:
+                self._models.popitem(last=False)
+            return loaded
+
+    def loaded(self) -> list[str]:
+        """The models loaded now, least recently used first, as run:checkpoint."""
+        with self._lock:
+            return [f"{run_id}:{checkpoint}" for run_id, checkpoint in self._models]
+
+    def _load(self, run: RunPaths, checkpoint: str) -> LoadedModel:
+        saved = load_run_model(str(run.root), self.catalog.runs_dir,
+                               None if checkpoint == EXPORT else checkpoint, self.device)
+        # inference.py's decoding copy, so a seed gives the characters it gives
+        decoder = (cpu_decoder(saved.model, "float32", batch_size=1)
+                   if self.device.type == "cpu" else Decoder(saved.model))
+        return LoadedModel(run.run_id, checkpoint, saved.model, decoder, saved.tokenizer,
+                           self.device, self._turns)
+
+
+class ModelChoice(pydantic.BaseModel):
+    """A run (its folder name under the runs folder) and what to load from it."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")  # a misspelt field is an error
+
+    run: str = LATEST
+    checkpoint: str = EXPORT
+
+
+class GenerationRequest(ModelChoice):
+    """What POST /api/generate asks for: inference.py's flags and defaults, for one sample."""
+
+    prompt: str = "\n"
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = []
+
+    def sampling(self, limits: Limits) -> SamplingConfig:
+        """The sampling settings, after the checks inference.py makes and the server's limit."""
+        check_at_least_one("max_new_tokens", self.max_new_tokens)
+        if self.max_new_tokens > limits.max_new_tokens:
+            raise UserError(f"--max-new-tokens is at most {limits.max_new_tokens} on this "
+                            f"server, got {self.max_new_tokens}")
+        check_seed(self.seed)
+        if "" in self.stop:
+            raise UserError("argument --stop: expected a value, got an empty one")
+        return sampling_settings(self.temperature, self.top_k, self.top_p, self.min_p,
+                                 self.repetition_penalty)
+
+
+class ScoreRequest(ModelChoice):
+    """What POST /api/score asks for: the text to score."""
+
+    text: str
+
+
+def prepare_generation(loaded: LoadedModel, request: GenerationRequest, limits: Limits
+                       ) -> tuple[SamplingConfig, torch.Tensor, int]:
+    """Every check of a generation, before anything is streamed: the sampling settings, the
+    prompt's ids (1, T) and the seed."""
+    sampling = request.sampling(limits)
+    prompt_ids = torch.tensor([encode_prompt(loaded.tokenizer, request.prompt)],
+                              device=loaded.device)
+    seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+    return sampling, prompt_ids, seed
+
+
+@torch.no_grad()
+def generation_events(loaded: LoadedModel, request: GenerationRequest, sampling: SamplingConfig,
+                      prompt_ids: torch.Tensor, seed: int) -> Iterator[dict[str, Any]]:
+    """The events of one sample, as inference.py draws it for the same seed: a start event,
+    one event per character shown (the probability the model gave it, and the top candidates
+    before and after the sampling settings reshaped the model's odds), then an end event.
+
+    A character that could begin a stop string is held back until it is ruled out, and the
+    stop string itself is never sent (inference.py's StopFilter)."""
+    generator = torch.Generator(device=loaded.device).manual_seed(seed)
+    tokenizer = loaded.tokenizer
+    yield {"type": "start", "run": loaded.run_id, "checkpoint": loaded.checkpoint,
+           "seed": seed, "prompt_tokens": prompt_ids.size(1)}
+    stop_filter = StopFilter(request.stop)
+    held: list[dict[str, Any]] = []  # events of characters the stop filter holds back
+    new_tokens, start = 0, time.perf_counter()
+    steps = loaded.decoder.generate_steps(prompt_ids, request.max_new_tokens, sampling,
+                                          generator)
+    while True:
+        with loaded.turns:  # one step at a time on this machine, in turn (see ModelCache)
+            step = next(steps, None)
+            if step is None:
+                break
+            token = int(step.ids[0])
+            event = character_event(tokenizer, token, step.logits, sampling, step.context)
+        new_tokens += 1
+        held.append(event)
+        shown = stop_filter.feed(tokenizer.decode([token]))
+        yield from release(held, len(shown))
+        if stop_filter.stopped:
+            held.clear()
+            break
+    yield from release(held, len(stop_filter.flush()))
+    seconds = time.perf_counter() - start
+    yield {"type": "end", "new_tokens": new_tokens, "seconds": round(seconds, 4),
+           "tokens_per_second": round(new_tokens / seconds, 1) if seconds > 0 else None,
+           "seed": seed, "stopped": stop_filter.stopped}
+
+
+def release(held: list[dict[str, Any]], count: int) -> Iterator[dict[str, Any]]:
+    """The first `count` held events, taken off the list (one per character shown)."""
+    released, held[:] = held[:count], held[count:]
+    yield from released
+
+
+def character_event(tokenizer: CharTokenizer, token: int, logits: torch.Tensor,
+                    sampling: SamplingConfig, context: torch.Tensor) -> dict[str, Any]:
+    """One generated character: the model's probability for it, and the top candidates of
+    the model's odds (temperature 1, nothing cut) and of the odds it was drawn from."""
+    model_probs = F.softmax(logits[0].float(), dim=-1)
+    drawn_probs = draw_probabilities(logits, sampling, context)[0]
+    return {"type": "char", "text": tokenizer.chars[token],
+            "p": round(float(model_probs[token]), 6),
+            "p_drawn": round(float(drawn_probs[token]), 6),
+            "top": candidates(tokenizer, model_probs, TOP_CANDIDATES),
+            "top_drawn": candidates(tokenizer, drawn_probs, TOP_CANDIDATES)}
+
+
+def candidates(tokenizer: CharTokenizer, probs: torch.Tensor, count: int
+               ) -> list[list[str | float]]:
+    """The `count` most likely characters as [character, probability], those with any."""
+    top = torch.topk(probs, min(count, probs.numel()))
+    return [[tokenizer.chars[i], round(p, 6)]
+            for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True) if p > 0]
+
+
+@torch.no_grad()
+def score_text(loaded: LoadedModel, text: str, limits: Limits) -> dict[str, Any]:
+    """The model's surprise at each character of text given the ones before it, in bits, and
+    the text's bits per character. The first character has nothing before it and is not
+    scored. Past the context length, each character is scored with at least half a context of
+    characters before it."""
+    if len(text) > limits.max_score_chars:
+        raise UserError(f"the text is {len(text):,} characters; this server scores at most "
+                        f"{limits.max_score_chars:,}")
+    if len(text) < 2:
+        raise UserError("the text needs at least two characters: the first is the context of "
+                        "the second")
+    try:
+        ids = torch.tensor(loaded.tokenizer.encode(text), device=loaded.device)
+    except UnknownCharactersError as error:
+        raise UserError(f"the text has {error}; the model knows only the characters of its "
+                        "training text") from None
+    log_probs = next_char_log_probs(loaded.model, ids)  # (len - 1, vocab)
+    surprise = -log_probs.gather(1, ids[1:, None])[:, 0] * BITS_PER_NAT
+    probs = log_probs.exp()
+    chars = [{"text": text[0], "bits": None}]
+    for position, bits in enumerate(surprise.tolist(), start=1):
+        chars.append({"text": text[position], "bits": round(bits, 4),
+                      "top": candidates(loaded.tokenizer, probs[position - 1],
+                                        SCORE_CANDIDATES)})
+    mean_bits = float(surprise.mean())
+    return {"run": loaded.run_id, "checkpoint": loaded.checkpoint, "chars": chars,
+            "scored": len(text) - 1, "bits_per_character": round(mean_bits, 6),
+            "loss": round(mean_bits / BITS_PER_NAT, 6)}
+
+
+def next_char_log_probs(model: LanguageModel, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids[i] | ids[:i]) over the vocabulary for i = 1..len-1: (len - 1, vocab). Windows
+    of block_size characters advance by half a window, and each keeps only the predictions
+    the one before it did not make."""
+    block_size = model.config.block_size
+    stride = max(1, block_size - block_size // 2)
+    inputs = ids[:-1]
+    rows: list[torch.Tensor] = []
+    done = 0  # predictions made so far: of ids[1..done]
+    start = 0
+    while done < inputs.numel():
+        window = inputs[start:start + block_size]
+        logits, _ = model(window[None])
+        rows.append(F.log_softmax(logits[0].float(), dim=-1)[done - start:])
+        done = start + window.numel()
+        start += stride
+    return torch.cat(rows)
