@@ -79,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--port", type=int, default=8000,
         help="port to listen on; 0 = any free one, printed (default: 8000)")
     add("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default: cpu)")
-    add("--num-threads", type=int,
-        help="CPU threads each generation's matrix products use (default: torch's, all "
-             "cores); several clients at once share the cores better with 1 (BENCHMARKS.md)")
+    add("--num-threads", type=int, default=1,
+        help="CPU threads each generation step uses (default: 1, the faster for small models "
+             "alone and shared alike: BENCHMARKS.md)")
     add("--max-loaded", type=int, default=3,
         help="models kept loaded at once; the least recently used goes first (default: 3)")
     add("--max-new-tokens", type=int, default=Limits.max_new_tokens,
@@ -223,7 +223,7 @@ def serve(argv: Sequence[str]) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, "
                             f"got {getattr(args, name)}")
     cores = os.cpu_count() or 1
-    if args.num_threads is not None and not 1 <= args.num_threads <= cores:
+    if not 1 <= args.num_threads <= cores:
         raise UserError(f"--num-threads must be in [1, {cores}] on this machine (its CPU "
                         f"cores), got {args.num_threads}")
     catalog = RunCatalog(args.runs_dir)
@@ -234,8 +234,7 @@ def serve(argv: Sequence[str]) -> int:
         raise UserError(f"no runs in {args.runs_dir}/ with an export or a checkpoint; train "
                         "one with python train.py")
     device = resolve_device(args.device)
-    if args.num_threads is not None:
-        torch.set_num_threads(args.num_threads)
+    torch.set_num_threads(args.num_threads)
     cache = ModelCache(catalog, device, args.max_loaded)
     # a run that cannot be served is refused before listening
     first = cache.get(run_name(args.run, args.runs_dir))
