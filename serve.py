@@ -14,7 +14,7 @@ The page is served from static/ (no CDN: it works offline). The API under it, JS
                          event, one event per character (its probability and the top ten
                          candidates before and after the sampling settings), an end event with
                          the tokens, tokens/s and the seed. The same run, prompt and seed give
-                         the characters inference.py gives.
+                         the characters inference.py gives on the same device.
     POST /api/score      {"run", "checkpoint", "text"}: each character's surprise in bits and
                          the text's bits per character
 A bad request is answered 4xx with {"error": "<the line the command line prints>"}.
@@ -42,6 +42,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from utils import console
 from utils.config_loader import ArgumentParser
@@ -60,8 +61,11 @@ from utils.serving import (
 )
 
 STATIC = Path(__file__).resolve().parent / "static"
+BODY_FIELDS = {"/api/generate": set(GenerationRequest.model_fields),
+               "/api/score": set(ScoreRequest.model_fields)}
 LOOPBACK = "127.0.0.1"
 LISTEN_BACKLOG = 128
+SHUTDOWN_GRACE_SECONDS = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,19 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class ActiveGenerations:
-    """How many generations are streaming now (GET /health shows it)."""
+    """How many generations are streaming now (GET /health shows it), and the signal that
+    ends them all when the server stops."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.stopping = threading.Event()
         self._lock = threading.Lock()
 
     def track(self, events: Iterator[dict[str, Any]]) -> Iterator[str]:
         """The events as JSON lines, counted as active from the first to the last, or until
-        the client goes away and the stream is closed."""
+        the client goes away and the stream is closed, or the server stops."""
         with self._lock:
             self.count += 1
         try:
             for event in events:
+                if self.stopping.is_set():
+                    yield json_line({"type": "error", "error": "the server is stopping"})
+                    return
                 yield json_line(event)
         except USER_ERRORS as error:  # after the stream began: the last line says why
             yield json_line({"type": "error", "error": str(error)})
@@ -122,15 +131,23 @@ def create_app(catalog: RunCatalog, cache: ModelCache, limits: Limits,
                default_run: str) -> FastAPI:
     """The page and its API over the runs of catalog."""
     app = FastAPI(title="chargpt", docs_url=None, redoc_url=None, openapi_url=None)
-    active = ActiveGenerations()
+    active = app.state.generations = ActiveGenerations()
 
-    @app.exception_handler(UserError)
-    async def user_error(_: Request, error: UserError) -> JSONResponse:
+    async def user_error(_: Request, error: Exception) -> JSONResponse:
         return JSONResponse({"error": str(error)}, status_code=400)
 
+    for error_type in USER_ERRORS:  # UserError, and the core's own (a corrupt tokenizer...)
+        app.add_exception_handler(error_type, user_error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code,
+                            headers=error.headers)
+
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": describe_invalid(error)}, status_code=422)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        fields = BODY_FIELDS.get(request.url.path, set())
+        return JSONResponse({"error": describe_invalid(error, fields)}, status_code=422)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -144,7 +161,8 @@ def create_app(catalog: RunCatalog, cache: ModelCache, limits: Limits,
     @app.post("/api/generate")
     async def generate(request: GenerationRequest) -> StreamingResponse:
         loaded = await run_in_threadpool(cache.get, request.run, request.checkpoint)
-        sampling, prompt_ids, seed = prepare_generation(loaded, request, limits)
+        sampling, prompt_ids, seed = await run_in_threadpool(prepare_generation, loaded, request,
+                                                             limits)
         events = generation_events(loaded, request, sampling, prompt_ids, seed)
         # a plain iterator: Starlette draws each line in a worker thread, off the event loop,
         # and stops drawing (and closes it) when the client goes away
@@ -162,26 +180,32 @@ def create_app(catalog: RunCatalog, cache: ModelCache, limits: Limits,
     return app
 
 
-def describe_invalid(error: RequestValidationError) -> str:
+def describe_invalid(error: RequestValidationError, fields: set[str]) -> str:
     """The first problem pydantic found in a request body, as one line in the command
-    line's words."""
+    line's words; fields are the ones the endpoint takes."""
     problem = error.errors()[0]
     where = [str(part) for part in problem.get("loc", ()) if part != "body"]
-    name = where[0] if where else "the body"
     kind = problem.get("type", "")
-    if kind == "extra_forbidden":
-        fields = {*GenerationRequest.model_fields, *ScoreRequest.model_fields}
-        close = difflib.get_close_matches(name, sorted(fields), n=1)
-        hint = f"did you mean {close[0]!r}?" if close else "python serve.py --help lists them"
-        return f"unknown field {name!r}; {hint}"
     if kind == "json_invalid":
         return f"the request body is not valid JSON: {problem.get('msg', '')}"
+    if not where:
+        return (f"the request body must be a JSON object of the fields "
+                f"{', '.join(sorted(fields))}: {problem.get('msg', 'invalid')}")
+    name = where[0]
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(name, sorted(fields - {name}), n=1)
+        hint = (f"did you mean {close[0]!r}?" if close else
+                f"this endpoint takes {', '.join(sorted(fields))}")
+        return f"unknown field {name[:100]!r}; {hint}"
+    if kind == "missing":
+        return f"the field {name!r} is required"
     expected = {"float": "a finite number", "int": "an integer", "string": "text",
                 "list": "a list of strings", "model": "a JSON object"}
     for prefix, words in expected.items():
-        if kind.startswith(prefix) or kind.startswith(f"{prefix}_"):
-            return f"argument --{name.replace('_', '-')}: expected {words}, got " \
-                   f"{problem.get('input')!r}"
+        if kind.startswith(prefix):
+            got = repr(problem.get("input"))
+            return (f"argument --{name.replace('_', '-')}: expected {words}, got "
+                    f"{got if len(got) <= 60 else got[:57] + '...'}")
     return f"argument --{name.replace('_', '-')}: {problem.get('msg', 'invalid')}"
 
 
@@ -244,7 +268,8 @@ def serve(argv: Sequence[str]) -> int:
         if not is_loopback(args.host):
             console.warn(f"listening on {args.host}: anyone who can reach this machine can use "
                          "the page and its API")
-        shown_host = "localhost" if args.host in (LOOPBACK, "0.0.0.0") else args.host
+        shown_host = ("localhost" if args.host in (LOOPBACK, "0.0.0.0") else
+                      f"[{args.host}]" if ":" in args.host else args.host)
         print(f"serving {first.run_id} and the runs in {args.runs_dir}/ at "
               f"http://{shown_host}:{sock.getsockname()[1]}/ (Ctrl-C stops)", flush=True)
         serve_forever(app, sock)
@@ -260,10 +285,26 @@ def run_name(run: str, runs_dir: Path) -> str:
     return run
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, which at Ctrl-C (or SIGTERM) also tells the generations streaming
+    to end: uvicorn waits for open responses before it stops."""
+
+    def __init__(self, config: uvicorn.Config, generations: ActiveGenerations) -> None:
+        super().__init__(config)
+        self.generations = generations
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.generations.stopping.set()
+        super().handle_exit(sig, frame)
+
+
 def serve_forever(app: FastAPI, sock: socket.socket) -> None:
     """Serve on the bound socket until Ctrl-C (or SIGTERM)."""
+    # a stream that does not end by itself (a client that reads nothing) is cut after this
+    config = uvicorn.Config(app, log_level="warning",
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)
     try:
-        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        Server(config, app.state.generations).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shuts down cleanly, then passes Ctrl-C on
         console.info("stopped")
 

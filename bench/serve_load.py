@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,12 +26,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def stream(url: str, body: dict) -> tuple[int, float]:
@@ -48,7 +42,7 @@ def stream(url: str, body: dict) -> tuple[int, float]:
 
 def clients_at_once(url: str, bodies: list[dict]) -> tuple[list[float], float]:
     """Each client's characters/s, and all characters over the wall-clock of all."""
-    results: list[tuple[int, float]] = [(0, 0.0)] * len(bodies)
+    results: list[tuple[int, float] | None] = [None] * len(bodies)
 
     def client(index: int) -> None:
         results[index] = stream(url, bodies[index])
@@ -60,18 +54,23 @@ def clients_at_once(url: str, bodies: list[dict]) -> tuple[list[float], float]:
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
-    return [chars / seconds for chars, seconds in results], sum(c for c, _ in results) / wall
+    done = [r for r in results if r is not None]
+    if len(done) < len(bodies):
+        raise SystemExit(f"{len(bodies) - len(done)} of {len(bodies)} clients failed")
+    return [chars / seconds for chars, seconds in done], sum(c for c, _ in done) / wall
 
 
 def measure(run: Path, serve_flags: list[str], clients: int, chars: int) -> dict:
-    port = free_port()
     server = subprocess.Popen(
         [sys.executable, str(ROOT / "serve.py"), "--runs-dir", str(run.parent), "--run",
-         run.name, "--port", str(port), *serve_flags], stdout=subprocess.PIPE, text=True,
+         run.name, "--port", "0", *serve_flags], stdout=subprocess.PIPE, text=True,
         start_new_session=True)
     try:
-        server.stdout.readline()  # printed once it listens
-        url = f"http://127.0.0.1:{port}"
+        printed = server.stdout.readline()  # printed once it listens, with the port it took
+        port = re.search(r"http://\S+:(\d+)/", printed)
+        if port is None:
+            raise SystemExit(f"serve.py did not start: {printed}")
+        url = f"http://127.0.0.1:{port.group(1)}"
         body = {"run": run.name, "prompt": "\n", "max_new_tokens": chars, "temperature": 1.0}
         stream(url, {**body, "seed": 0})  # warm-up
         alone_chars, alone_seconds = stream(url, {**body, "seed": 1})

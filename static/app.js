@@ -25,7 +25,7 @@ async function loadRuns() {
 
 function runLabel(run) {
   const loss = run.full_split_val_loss == null ? "no loss yet" : run.full_split_val_loss.toFixed(4);
-  return `${run.id}  (${loss})`;
+  return `${run.id} · ${loss}`;
 }
 
 function showRun(suffix) {
@@ -47,6 +47,7 @@ function showRun(suffix) {
 // ---- modes ---------------------------------------------------------------------------
 
 function setMode(next) {
+  if (running) running.abort(); // a generation of the mode being left ends with it
   mode = next;
   document.body.className = next;
   for (const tab of document.querySelectorAll("nav button")) {
@@ -89,13 +90,19 @@ function generationBody(suffix, seed) {
     min_p: numberOrNull("min_p"),
     repetition_penalty: numberOrNull("repetition_penalty"),
     seed: seed,
-    stop: $("stop").value.split("\n").filter((s) => s !== ""),
+    stop: $("stop").value.split("\n").filter((s) => s !== "").map(unescape),
   };
+}
+
+// a stop string typed as \n, \t or \\ means a newline, a tab or a backslash, as in a shell's $'...'
+function unescape(text) {
+  return text.replace(/\\([nt\\])/g, (_, c) => ({ n: "\n", t: "\t", "\\": "\\" })[c]);
 }
 
 async function generate() {
   clearOutputs();
-  running = new AbortController();
+  const controller = new AbortController();
+  running = controller;
   setRunning(true);
   // compare: both runs draw with one seed, so the difference is the models'
   let seed = numberOrNull("seed");
@@ -103,9 +110,10 @@ async function generate() {
   const panes = mode === "compare" ? [["a", ""], ["b", "-b"]] : [["a", ""]];
   try {
     await Promise.all(panes.map(([pane, suffix]) =>
-      streamInto(pane, generationBody(suffix, seed), running.signal)));
+      streamInto(pane, generationBody(suffix, seed), controller.signal)));
     $("status").textContent = "done";
   } catch (error) {
+    controller.abort(); // one pane failed: the other stops too
     if (error.name === "AbortError") {
       $("status").textContent = "stopped";
     } else {
@@ -113,8 +121,10 @@ async function generate() {
       showError(error.message);
     }
   } finally {
-    running = null;
-    setRunning(false);
+    if (running === controller) {
+      running = null;
+      setRunning(false);
+    }
   }
 }
 
@@ -130,14 +140,21 @@ async function streamInto(pane, body, signal) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffered = "";
+  let ended = false;
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
     buffered += decoder.decode(value, { stream: true });
     const lines = buffered.split("\n");
     buffered = lines.pop();
-    for (const line of lines) if (line) onEvent(pane, JSON.parse(line));
+    for (const line of lines) {
+      if (!line) continue;
+      const event = JSON.parse(line);
+      ended = ended || event.type === "end";
+      onEvent(pane, event);
+    }
   }
+  if (!ended) throw new Error("the server closed the stream before the end of the sample");
 }
 
 function onEvent(pane, event) {
@@ -147,9 +164,10 @@ function onEvent(pane, event) {
     const index = shown[pane].push({ kind: "generated", ...event }) - 1;
     addChar($("output-" + pane), event.text, -Math.log2(Math.max(event.p, 1e-12)), pane, index);
   } else if (event.type === "end") {
+    const rate = event.tokens_per_second == null ? "" : `, ${event.tokens_per_second} characters/s`;
     $("summary-" + pane).textContent =
-      `${event.new_tokens} characters, ${event.tokens_per_second} characters/s, seed ${event.seed}` +
-      (event.stopped ? ", ended at a stop string" : "");
+      `${event.new_tokens} characters generated${rate}, seed ${event.seed}` +
+      (event.stopped ? ", ended at a stop string (not shown)" : "");
   } else if (event.type === "error") {
     throw new Error(event.error);
   }

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,7 +29,7 @@ import inference
 import serve
 import train
 from model import LanguageModel, ModelConfig
-from tests.conftest import PROJECT_ROOT, free_port, randomised
+from tests.conftest import PROJECT_ROOT, randomised
 from tokenizer import CharTokenizer
 from utils.checkpoint import save_export
 from utils.runs import create_run
@@ -316,6 +317,67 @@ def test_a_symlink_out_of_the_runs_folder_is_refused(client, runs_dir, tmp_path)
         link.unlink()
 
 
+@pytest.mark.parametrize("body,words", [
+    ({"run": "a" * 300}, "is not a run id"),
+    ({"run": TRAINED, "checkpoint": "step_" + "1" * 300}, "is not one a run has"),
+    ({"run": TRAINED, "stop": ["x" * 101]}, "at most 16 stop strings of at most 100"),
+    ({"run": TRAINED, "stop": ["a"] * 17}, "at most 16 stop strings"),
+    ({"run": TRAINED, "prompt": "T" * 401}, "the prompt is 401 characters"),
+])
+def test_what_would_cost_the_server_too_much_is_refused(client, body, words):
+    response = client.post("/api/generate", json=body)
+    assert response.status_code == 400 and words in response.json()["error"]
+
+
+def test_every_answer_that_is_not_json_of_a_run_is_an_error_line(client):
+    wrong_field = client.post("/api/generate", json={"run": TRAINED, "text": "To"})
+    assert wrong_field.status_code == 422
+    assert wrong_field.json()["error"].startswith("unknown field 'text'; this endpoint takes")
+    empty = client.post("/api/score", content=b"[]", headers={"Content-Type": "application/json"})
+    assert empty.json()["error"].startswith("the request body must be a JSON object")
+    assert client.post("/api/score", json={"run": TRAINED}).json()["error"] == \
+        "the field 'text' is required"
+    assert client.get("/api/nothing").json() == {"error": "Not Found"}
+    assert client.get("/api/generate").status_code == 405
+    assert "error" in client.get("/api/generate").json()
+
+
+def test_latest_takes_the_newest_run_that_has_the_checkpoint_asked_for(client):
+    # the newest run has an export only: inference.py --run latest --checkpoint best takes
+    # the trained one, and so does the server
+    events = generate(client, run="latest", checkpoint="best", prompt="To",
+                      max_new_tokens=10, temperature=0)
+    assert events[0]["run"] == TRAINED
+    assert generate(client, run="latest", prompt="To", max_new_tokens=2)[0]["run"] != TRAINED
+
+
+def test_a_run_the_core_cannot_read_is_a_4xx(client, runs_dir):
+    broken = runs_dir / "20261203_000000_broken"
+    shutil.copytree(runs_dir / TRAINED, broken)
+    (broken / "artifacts" / "export" / "tokenizer.json").write_text('{"chars": 5}')
+    (broken / "meta" / "results.json").write_text("[1, 2]")  # not what train.py writes
+    try:
+        listed = {run["id"]: run for run in client.get("/api/runs").json()["runs"]}
+        assert listed[broken.name]["full_split_val_loss"] is None
+        response = client.post("/api/score", json={"run": broken.name, "text": "To be"})
+        assert response.status_code == 400 and "tokenizer" in response.json()["error"]
+    finally:
+        shutil.rmtree(broken)
+
+
+def test_a_symlink_inside_a_run_out_of_the_runs_folder_is_refused(client, runs_dir, tmp_path):
+    run = runs_dir / "20261204_000000_inner"
+    shutil.copytree(runs_dir / TRAINED, run)
+    shutil.move(run / "artifacts", tmp_path / "artifacts")
+    (run / "artifacts").symlink_to(tmp_path / "artifacts", target_is_directory=True)
+    try:
+        assert run.name not in [r["id"] for r in client.get("/api/runs").json()["runs"]]
+        response = client.post("/api/score", json={"run": run.name, "text": "To be"})
+        assert response.status_code == 400 and "leads out of" in response.json()["error"]
+    finally:
+        shutil.rmtree(run)
+
+
 def test_the_server_writes_nothing(client, runs_dir):
     def files() -> dict[str, tuple[int, int]]:
         return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in runs_dir.rglob("*")}
@@ -330,18 +392,26 @@ def test_the_server_writes_nothing(client, runs_dir):
 
 # --- a real server: several clients, a client that goes away, the command line ----------------
 
-@contextlib.contextmanager
-def running_server(runs_dir: Path, *flags: str) -> Iterator[str]:
-    """serve.py on a free loopback port; its base URL once it has printed it."""
-    port = free_port()
+def start_server(runs_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """serve.py on any free loopback port, and its base URL once it has printed it (it
+    listens from then on)."""
     process = subprocess.Popen(
         [sys.executable, str(PROJECT_ROOT / "serve.py"), "--runs-dir", str(runs_dir), "--port",
-         str(port), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+         "0", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
+    line = process.stdout.readline()
+    match = re.search(r"http://\S+:(\d+)/", line)
+    if match is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError(line + process.communicate(timeout=30)[1])
+    return process, f"http://127.0.0.1:{match.group(1)}"
+
+
+@contextlib.contextmanager
+def running_server(runs_dir: Path, *flags: str) -> Iterator[str]:
+    process, url = start_server(runs_dir, *flags)
     try:
-        line = process.stdout.readline()  # printed once it listens
-        assert f":{port}/" in line, line + process.stderr.read()
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
@@ -371,10 +441,17 @@ def test_eight_clients_stream_at_once_each_with_its_own_seeds_text(client, runs_
             for i in range(8)]
         for thread in threads:
             thread.start()
+        # while they stream, the page and the API answer, and the streams run side by side
+        most_at_once = 0
+        while any(thread.is_alive() for thread in threads):
+            most_at_once = max(most_at_once, get_json(f"{url}/health")["active_generations"])
+            with urllib.request.urlopen(f"{url}/", timeout=30) as page:
+                assert page.status == 200
         for thread in threads:
-            thread.join(timeout=300)
+            thread.join()
     assert [results.get(i) for i in range(8)] == alone
     assert len(set(alone)) == 8
+    assert most_at_once >= 2
 
 
 def test_a_client_that_goes_away_ends_its_generation(runs_dir):
@@ -436,17 +513,24 @@ def test_a_run_folder_path_is_taken_like_inference_py_takes_it(runs_dir):
 
 
 def test_listening_beyond_loopback_warns(runs_dir):
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(PROJECT_ROOT / "serve.py"), "--runs-dir", str(runs_dir), "--host",
-         "0.0.0.0", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True)
-    try:
-        assert f":{port}/" in process.stdout.readline()
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        _, err = process.communicate(timeout=30)
+    process, _ = start_server(runs_dir, "--host", "0.0.0.0")
+    os.killpg(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=30)
     assert "anyone who can reach this machine can use the page" in err
+
+
+def test_ctrl_c_stops_the_server_while_a_client_streams(runs_dir):
+    process, url = start_server(runs_dir, "--max-new-tokens", "100000")
+    request = urllib.request.Request(
+        f"{url}/api/generate", json.dumps({"run": TRAINED, "max_new_tokens": 100000}).encode(),
+        method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        response.readline()
+        response.readline()  # streaming
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)  # the stream is cut after a grace period
+    assert process.returncode == 0 and "Traceback" not in err
+    assert err.strip().endswith("stopped")
 
 
 # --- the page in a real browser --------------------------------------------------------------

@@ -48,11 +48,14 @@ from utils.sampling import (
 
 EXPORT = "export"  # the checkpoint name that stands for the run's final export
 LATEST = "latest"  # the run name that stands for the newest run with an export
-CHECKPOINT_NAME = re.compile(r"(best|last|step_\d+)")
-RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# names a file system takes: longer ones are refused by the pattern, not by an OSError
+CHECKPOINT_NAME = re.compile(r"(best|last|step_\d{1,18})")
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 TOP_CANDIDATES = 10  # the candidates shown for each generated character
 SCORE_CANDIDATES = 5  # and for each scored one: a long text's answer stays small
 BITS_PER_NAT = 1 / math.log(2)
+# each character shown is checked against every stop string: a few short ones keep that cheap
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 100
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class Limits:
     """What one request may ask of the server."""
 
     max_new_tokens: int = 2000
-    max_score_chars: int = 20_000
+    max_score_chars: int = 20_000  # a scored text's length, and a prompt's
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,9 @@ class RunSummary:
 
 
 class RunCatalog:
-    """The runs directly under one runs folder, named by their folder name alone: a name with
-    a path in it, or a folder that leads out of the runs folder (a symlink), is refused."""
+    """The runs directly under one runs folder, named by their folder name alone. A name with
+    a path in it is refused, and so is anything a symlink leads out of the runs folder: a run
+    folder, or the export or checkpoint inside one."""
 
     def __init__(self, runs_dir: Path) -> None:
         self.runs_dir = Path(runs_dir)
@@ -90,7 +94,8 @@ class RunCatalog:
         for folder in sorted(self.runs_dir.iterdir(), reverse=True) if self.has_runs() else []:
             if folder.is_dir() and RUN_ID.fullmatch(folder.name) and self._inside(folder):
                 run = RunPaths(folder)
-                checkpoints = checkpoint_names(run)
+                checkpoints = [name for name in checkpoint_names(run)
+                               if self._inside(weights_path(run, name))]
                 if checkpoints:
                     found.append(summarize(run, checkpoints))
         return found
@@ -98,34 +103,46 @@ class RunCatalog:
     def has_runs(self) -> bool:
         return self.runs_dir.is_dir()
 
-    def resolve(self, run_id: str) -> RunPaths:
-        """The run folder run_id names ('latest': the newest run with an export), or a
-        UserError saying why it cannot be served."""
+    def resolve(self, run_id: str, checkpoint: str = EXPORT) -> RunPaths:
+        """The run folder run_id names ('latest': the newest run that has the checkpoint, as
+        inference.py takes it), or a UserError saying why it cannot be served."""
+        if checkpoint != EXPORT and not CHECKPOINT_NAME.fullmatch(checkpoint):
+            raise UserError(f"checkpoint {checkpoint[:100]!r} is not one a run has: name "
+                            "export, best, last or step_N")
         if run_id == LATEST:
-            newest = next((s.id for s in self.summaries() if EXPORT in s.checkpoints), None)
+            newest = next((s.id for s in self.summaries() if checkpoint in s.checkpoints), None)
             if newest is None:
-                raise UserError(f"no run with an export in {self.runs_dir}/; train one with "
+                what = "an export" if checkpoint == EXPORT else f"a checkpoint '{checkpoint}'"
+                raise UserError(f"no run with {what} in {self.runs_dir}/; train one with "
                                 "python train.py")
             run_id = newest
         if not RUN_ID.fullmatch(run_id):
-            raise UserError(f"run {run_id!r} is not a run id: name a folder of "
+            raise UserError(f"run {run_id[:100]!r} is not a run id: name a folder of "
                             f"{self.runs_dir}/ by its name alone, such as "
                             "20261207_143708_baseline")
         folder = self.runs_dir / run_id
         if not folder.is_dir():
             raise UserError(f"no run {run_id!r} in {self.runs_dir}/; GET /api/runs lists them")
-        if not self._inside(folder):
+        run = RunPaths(folder)
+        if not self._inside(folder) or not self._inside(weights_path(run, checkpoint)):
             raise UserError(f"run {run_id!r} leads out of {self.runs_dir}/; only runs inside "
                             "it are served")
-        return RunPaths(folder)
+        return run
 
-    def _inside(self, folder: Path) -> bool:
-        return folder.resolve().parent == self.runs_dir.resolve()
+    def _inside(self, path: Path) -> bool:
+        return path.resolve().is_relative_to(self.runs_dir.resolve())
+
+
+def weights_path(run: RunPaths, checkpoint: str) -> Path:
+    """The file holding the weights a checkpoint name stands for."""
+    if checkpoint == EXPORT:
+        return run.export / WEIGHTS_FILE
+    return run.checkpoints / f"{checkpoint}{CHECKPOINT_SUFFIX}"
 
 
 def checkpoint_names(run: RunPaths) -> list[str]:
     """What can be loaded from the run: its export first, then best, last and step_N."""
-    names = [EXPORT] if (run.export / WEIGHTS_FILE).is_file() else []
+    names = [EXPORT] if weights_path(run, EXPORT).is_file() else []
     saved = [p.name.removesuffix(CHECKPOINT_SUFFIX)
              for p in run.checkpoints.glob(f"*{CHECKPOINT_SUFFIX}")]
     names += [n for n in ("best", "last") if n in saved]
@@ -136,15 +153,27 @@ def checkpoint_names(run: RunPaths) -> list[str]:
 
 def summarize(run: RunPaths, checkpoints: list[str]) -> RunSummary:
     """The run picker's row: what the run's meta folder says, where it says it."""
-    config = read_json(run.meta / "full_config.json") or {}
-    results = read_results(run) or {}
-    train = config.get("train", {})
+    config = read_json(run.meta / "full_config.json")
+    results = read_results(run)
+    results = results if isinstance(results, dict) else {}
+    train, model = (section(config, name) for name in ("train", "model"))
     return RunSummary(
         id=run.run_id, tag=str(train.get("run_tag", "")), date=run_date(run.run_id),
-        parameters=parameter_count(config.get("model")),
-        full_split_val_loss=results.get("full_split_val_loss"),
-        full_split_val_bpc=results.get("full_split_val_bpc"), steps=results.get("steps"),
-        checkpoints=checkpoints)
+        parameters=parameter_count(model),
+        full_split_val_loss=number(results.get("full_split_val_loss")),
+        full_split_val_bpc=number(results.get("full_split_val_bpc")),
+        steps=number(results.get("steps")), checkpoints=checkpoints)
+
+
+def section(config: dict[str, Any] | None, name: str) -> dict[str, Any]:
+    """A section of a saved config, or nothing where the file is not what train.py writes."""
+    value = (config or {}).get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def number(value: Any) -> Any:
+    """A results.json figure, or None where it is not a number."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -172,7 +201,7 @@ def parameter_count(model_config: dict[str, Any] | None) -> int | None:
                   if k in ModelConfig.__dataclass_fields__}
         with torch.device("meta"):
             return LanguageModel(ModelConfig(**fields)).num_parameters()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, ArithmeticError):
         return None
 
 
@@ -195,9 +224,9 @@ class ModelCache:
     it lives on until that generation ends.
 
     Generations take turns: each step holds one lock shared by every model, so the steps of
-    several clients run one after another, each with all the cores, instead of all at once
-    fighting over the cores and Python's GIL, which is several times slower in all
-    (BENCHMARKS.md, serve.py under load)."""
+    several clients run one after another instead of all at once fighting over the cores and
+    Python's GIL, which is several times slower in all (BENCHMARKS.md, serve.py under
+    load)."""
 
     def __init__(self, catalog: RunCatalog, device: torch.device, capacity: int = 3) -> None:
         self.catalog, self.device, self.capacity = catalog, device, capacity
@@ -206,11 +235,13 @@ class ModelCache:
         self._turns = threading.Lock()
 
     def get(self, run_id: str, checkpoint: str = EXPORT) -> LoadedModel:
-        run = self.catalog.resolve(run_id)
-        if checkpoint != EXPORT and not CHECKPOINT_NAME.fullmatch(checkpoint):
-            raise UserError(f"checkpoint {checkpoint!r} is not one a run has: name export, "
-                            "best, last or step_N")
-        key = (run.run_id, checkpoint)
+        run = self.catalog.resolve(run_id, checkpoint)
+        # a run still training rewrites last and best: a new file is a new model
+        try:
+            version = weights_path(run, checkpoint).stat().st_mtime_ns
+        except OSError:
+            version = None  # missing: the loader says what the run holds instead
+        key = (run.run_id, checkpoint, version)
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
@@ -224,7 +255,7 @@ class ModelCache:
     def loaded(self) -> list[str]:
         """The models loaded now, least recently used first, as run:checkpoint."""
         with self._lock:
-            return [f"{run_id}:{checkpoint}" for run_id, checkpoint in self._models]
+            return [f"{run_id}:{checkpoint}" for run_id, checkpoint, _ in self._models]
 
     def _load(self, run: RunPaths, checkpoint: str) -> LoadedModel:
         saved = load_run_model(str(run.root), self.catalog.runs_dir,
@@ -267,6 +298,13 @@ class GenerationRequest(ModelChoice):
         check_seed(self.seed)
         if "" in self.stop:
             raise UserError("argument --stop: expected a value, got an empty one")
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise UserError(f"--stop: this server takes at most {MAX_STOP_STRINGS} stop strings "
+                            f"of at most {MAX_STOP_CHARS} characters each")
+        if len(self.prompt) > limits.max_score_chars:
+            raise UserError(f"the prompt is {len(self.prompt):,} characters; this server takes "
+                            f"at most {limits.max_score_chars:,} (the model reads only its last "
+                            "context's worth)")
         return sampling_settings(self.temperature, self.top_k, self.top_p, self.min_p,
                                  self.repetition_penalty)
 
