@@ -41,7 +41,7 @@ from utils.nonfinite import NonfiniteCounter
 from utils.resume import resolve_parent, resolve_resume
 from utils.runs import RunPaths, command_line, open_run, write_results
 from utils.setup import Setup, build_setup, open_corpus
-from utils.tracking import Tracker, check_aim_available, flat_hparams
+from utils.tracking import Tracker, check_aim_available, check_wandb_available, flat_hparams
 from utils.training import (
     Due,
     SpeedMeter,
@@ -82,6 +82,8 @@ def train(argv: Sequence[str]) -> int:
     setup = build_setup(config, tokenizer)
     if setup.config.train.aim_logging:
         check_aim_available()
+    if setup.config.train.wandb_logging:
+        check_wandb_available(setup.config)
     state = init_state(setup)
     if resume:
         restore_checkpoint(state, resume.checkpoint, setup.config, setup.tokenizer, launch.rank)
@@ -179,7 +181,7 @@ def fit(state: TrainingState, plan: budget.Plan, run: RunPaths, tracker: Tracker
         tracker.close()
         results = run_results(state, plan.setup, end)
         distributed.on_main(lambda: write_results(run, results))
-    distributed.on_main(lambda: report(run, state, plan.setup))
+    distributed.on_main(lambda: report(run, state, plan.setup, tracker.closing_notes))
     if stop.requested:
         console.warn(f"stopped by {stop.name} at step {state.step}; resume with "
                      f"{resume_command}")
@@ -302,8 +304,9 @@ def describe_run(state: TrainingState, setup: Setup) -> str:
             f" = {setup.tokens_per_step()} tokens per step")
 
 
-def report(run: RunPaths, state: TrainingState, setup: Setup) -> None:
-    """The script's final user-facing output: a sample, the final losses and the run folder."""
+def report(run: RunPaths, state: TrainingState, setup: Setup, notes: list[str]) -> None:
+    """The script's final user-facing output: a sample, the final losses, the run folder and
+    what the trackers have to say."""
     if state.last_sample is not None and state.last_sample[0] == state.step:
         sample = state.last_sample[1]
     else:
@@ -321,6 +324,8 @@ def report(run: RunPaths, state: TrainingState, setup: Setup) -> None:
         print(f"final train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{full}")
     print(f"run folder: {run.root}")
     print(f"generate more: python inference.py --run {run.root}")
+    for note in notes:
+        print(note)
 
 
 if __name__ == "__main__":

@@ -224,7 +224,7 @@ def test_a_capped_full_split_pass_scores_the_first_windows_and_says_so(tiny_conf
     assert full_split_loss(model, setup) == pytest.approx(expected, abs=1e-5)
     state = state_for(model, torch.optim.SGD(model.parameters(), lr=0.1), None)
     state.last_losses = {"train": 1.0, "val": 2.0, "val_full": 3.0}
-    train.report(RunPaths(tmp_path), state, setup)
+    train.report(RunPaths(tmp_path), state, setup, [])
     assert (f"full-split val loss 3.0000 (first 96 of {len(val)} val tokens)"
             in capsys.readouterr().out)
 
@@ -238,10 +238,10 @@ def test_the_report_shows_the_last_evaluations_sample_of_the_same_weights(tiny_c
     model = LanguageModel(tiny_config)
     state = state_for(model, torch.optim.SGD(model.parameters(), lr=0.1), None)
     state.step, state.last_sample = 40, (40, "THE LAST EVALUATION'S SAMPLE")
-    train.report(RunPaths(tmp_path), state, setup)
+    train.report(RunPaths(tmp_path), state, setup, [])
     assert "--- sample ---\nTHE LAST EVALUATION'S SAMPLE\n" in capsys.readouterr().out
     state.step = 41
-    train.report(RunPaths(tmp_path), state, setup)
+    train.report(RunPaths(tmp_path), state, setup, [])
     fresh = sample_text(model, setup, cfg.sample_tokens)
     assert f"--- sample ---\n{fresh}\n" in capsys.readouterr().out
 

@@ -29,6 +29,8 @@ DTYPES: tuple[str, ...] = typing.get_args(DType)
 LENGTH_FIELDS = ("max_iters", "time_budget")
 MAX_SEED = 2**32 - 1
 RUN_TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# characters W&B refuses in a project name
+WANDB_BANNED = "/\\#?%:"
 
 
 def _help(text: str) -> dict[str, str]:
@@ -153,6 +155,19 @@ class TrainConfig:
         default=None, metadata={"help": "folder holding the Aim repo (.aim); none = the project "
                                         "root", "output_folder": True}
     )
+    wandb_logging: bool = field(
+        default=False, metadata={"help": "also track the run in Weights & Biases "
+                                         "(pip install wandb)", "aliases": ("--wandb",)}
+    )
+    wandb_project: str = field(
+        default="chargpt", metadata=_help("the W&B project the run is logged to")
+    )
+    wandb_mode: Literal["auto", "online", "offline"] = field(
+        default="auto", metadata=_help("online: to W&B's servers (needs an API key: wandb login "
+                                       "or WANDB_API_KEY); offline: into runs/<id>/logs/wandb, "
+                                       "for wandb sync later; auto: online if there is a key, "
+                                       "else offline")
+    )
     checkpoint_interval: int | None = field(
         default=250, metadata=_help("steps between checkpoints; none = only the best and the end")
     )
@@ -249,6 +264,9 @@ class TrainConfig:
             raise ConfigFieldError("grad_clip must be > 0 (or none to disable)", "grad_clip")
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ConfigFieldError(f"device must be {DEVICE_WORDS}", "device")
+        if not self.wandb_project.strip() or any(c in self.wandb_project for c in WANDB_BANNED):
+            raise ConfigFieldError(
+                f"wandb_project must be a name without any of {WANDB_BANNED!r}", "wandb_project")
         if not RUN_TAG_PATTERN.fullmatch(self.run_tag):
             raise ConfigFieldError(
                 "run_tag may hold letters, digits, '.', '_' and '-' and must start with a "
@@ -283,7 +301,8 @@ class Config:
 RESUMABLE_FIELDS = frozenset({
     "max_iters", "eval_interval", "eval_iters", "log_interval", "sample_tokens",
     "histogram_interval", "checkpoint_interval", "keep_checkpoints", "max_nonfinite_steps",
-    "patience", "min_delta", "aim_logging", "aim_repo", "device", "compile", "runs_dir",
+    "patience", "min_delta", "aim_logging", "aim_repo", "wandb_logging", "wandb_project",
+    "wandb_mode", "device", "compile", "runs_dir",
     "peak_flops", "num_threads", "eval_full", "token_cache", "full_split_max_tokens",
     # resolved to max_iters when the run started; --max-iters on a resume switches it off
     "time_budget",

@@ -1,17 +1,22 @@
-"""One Tracker the training loop logs through; TensorBoard always, Aim when asked for.
+"""One Tracker the training loop logs through; TensorBoard always, Aim and Weights & Biases
+when asked for.
 
     tracker = Tracker.open(run, config, metadata)     # builds only the enabled backends
     tracker.log({"train/loss": 1.9, "lr": 3e-4}, step=100)
     tracker.close()
+    print(*tracker.closing_notes)                      # e.g. how to upload an offline W&B run
 
-Metric names are TensorBoard's ("train/loss", "val/perplexity", "lr"); the Aim backend files a
-"subset/name" metric as `name` with context {"subset": subset}, so train and val losses share
-one chart there.
+Metric names are TensorBoard's ("train/loss", "val/perplexity", "lr"), and W&B's too; the Aim
+backend files a "subset/name" metric as `name` with context {"subset": subset}, so train and val
+losses share one chart there.
 """
 
 from __future__ import annotations
 
+import html
 import json
+import netrc
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +95,8 @@ class Tracker:
         backends: list[Backend] = [TensorBoardBackend(run.tensorboard, resume_step)]
         if config.train.aim_logging:
             backends.append(AimBackend(run, aim_repo_path(config), resume_step is not None))
+        if config.train.wandb_logging:
+            backends.append(WandbBackend(run, config))
         tracker = cls(backends)
         for backend in backends:
             backend.start(config, metadata)
@@ -126,6 +133,11 @@ class Tracker:
         for backend in self.backends:
             backend.close()
 
+    @property
+    def closing_notes(self) -> list[str]:
+        """What the backends have to tell the user once the run is over."""
+        return [note for backend in self.backends for note in getattr(backend, "notes", [])]
+
 
 def flat_hparams(config: Config) -> dict[str, Any]:
     """The config as one flat mapping of scalars (None becomes the string 'none'), with the
@@ -150,6 +162,41 @@ def check_aim_available() -> None:
             f"Aim logging was requested but aim cannot be imported ({error}); "
             "install it with pip install aim, or turn it off with --no-aim"
         ) from None
+
+
+def check_wandb_available(config: Config) -> None:
+    """Fail before training starts if W&B is asked for but cannot be imported, or asked to
+    log online without an API key."""
+    try:
+        import wandb  # noqa: F401
+    except Exception as error:  # a broken install raises more than ImportError
+        raise UserError(
+            f"W&B logging was requested but wandb cannot be imported ({error}); install it "
+            "with pip install wandb, or drop --wandb"
+        ) from None
+    if config.train.wandb_mode == "online" and not has_wandb_api_key():
+        raise UserError("--wandb-mode online needs a W&B API key: run wandb login or set "
+                        "WANDB_API_KEY; or pass --wandb-mode offline to log into the run "
+                        "folder and upload later with wandb sync")
+
+
+def has_wandb_api_key() -> bool:
+    """Whether W&B would find an API key: WANDB_API_KEY, or what wandb login saved (~/.netrc,
+    for WANDB_BASE_URL's host)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1]
+    try:
+        return netrc.netrc().authenticators(host.split("/")[0]) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(config: Config) -> str:
+    """The mode W&B runs in: auto becomes online where there is an API key."""
+    if config.train.wandb_mode != "auto":
+        return config.train.wandb_mode
+    return "online" if has_wandb_api_key() else "offline"
 
 
 class TensorBoardBackend:
@@ -245,3 +292,50 @@ def _aim_name(name: str) -> tuple[str, dict[str, str]]:
     if head in ("train", "val"):
         return tail, {"subset": head}
     return head, {"tensor": tail}
+
+
+class WandbBackend:
+    """Weights & Biases. The W&B run id is the chargpt run id, so a resumed run logs into the
+    same W&B run; W&B's files (an offline run's whole log) live in runs/<id>/logs/wandb."""
+
+    def __init__(self, run: RunPaths, config: Config) -> None:
+        import wandb
+
+        self.wandb = wandb
+        self.paths = run
+        self.mode = wandb_mode(config)
+        self.run = wandb.init(
+            project=config.train.wandb_project, id=run.run_id, name=run.run_id,
+            dir=str(run.root / "logs"), mode=self.mode, resume="allow",
+            config=flat_hparams(config),
+            # its console capture and system monitor would compete with the progress bar
+            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True))
+        self.notes: list[str] = []
+
+    def start(self, config: Config, metadata: Mapping[str, str]) -> None:
+        self.run.config.update({"meta": {name: text[:2000] for name, text in metadata.items()}},
+                               allow_val_change=True)
+        # the metadata files in full, results.json included, as the run ends
+        self.run.save(str(self.paths.meta / "*"), base_path=str(self.paths.root), policy="end")
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        self.run.log(dict(metrics), step=step)
+
+    def log_distributions(self, distributions: Mapping[str, Histogram], step: int) -> None:
+        self.run.log({name: self.wandb.Histogram(np_histogram=(h.bin_counts,
+                                                               [h.min, *h.bin_edges]))
+                      for name, h in distributions.items()}, step=step)
+
+    def log_text(self, name: str, text: str, step: int) -> None:
+        self.run.log({name: self.wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=step)
+
+    def log_summary(self, hparams: Mapping[str, Any], results: Mapping[str, float]) -> None:
+        self.run.config.update(dict(hparams), allow_val_change=True)  # the final max_iters
+        self.run.summary.update(dict(results))
+
+    def close(self) -> None:
+        offline_dir = Path(self.run.dir).parent
+        self.run.finish()
+        if self.mode == "offline":
+            self.notes.append(f"the W&B run is offline; upload it with: wandb sync "
+                              f"{offline_dir}")
