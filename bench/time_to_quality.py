@@ -4,10 +4,14 @@ val split). The classic preset (nanoGPT's recipe) always runs in the same bench,
 from one run compare, not two from two days.
 
 Usage: python bench/time_to_quality.py --data-path ../shared/data/tinyshakespeare.txt
-           [--time-budget SECONDS] [--recipes default classic] [--ablations] [--markdown]
+           [--time-budget SECONDS] [--recipes default classic] [--seeds 1337 7 42]
+           [--ablations] [--markdown]
 
 --ablations adds a row per lever: the lever alone on top of classic, and the default with that
 lever set back to classic's value. Runs go one after another: each has the machine to itself.
+With several --seeds every recipe runs once per seed, the seeds interleaved (all recipes on the
+first seed, then the second...), so a slow spell of a shared machine falls on all of them. Each
+row gives the run's milliseconds per step: machines differ, so compare recipes within a race.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import json
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,11 +66,13 @@ LEVERS = {
 FULL_LOSS = re.compile(r"full-split val loss (\d+\.\d+)")
 
 
-def run_recipe(name: str, flags: list[str], args: argparse.Namespace, runs_dir: Path) -> dict:
-    command = [sys.executable, str(ROOT / "train.py"), *flags, "--data-path", args.data_path,
-               "--time-budget", str(args.time_budget), "--runs-dir", str(runs_dir),
-               "--run-tag", re.sub(r"[^A-Za-z0-9._-]", "_", name), "--checkpoint-interval",
-               "none"]
+def run_recipe(name: str, flags: list[str], args: argparse.Namespace, runs_dir: Path,
+               seed: int | None) -> dict:
+    seed_flags = [] if seed is None else ["--seed", str(seed)]
+    command = [sys.executable, str(ROOT / "train.py"), *flags, *seed_flags, "--data-path",
+               args.data_path, "--time-budget", str(args.time_budget), "--runs-dir",
+               str(runs_dir), "--run-tag", re.sub(r"[^A-Za-z0-9._-]", "_", name),
+               "--checkpoint-interval", "none"]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
@@ -74,10 +81,13 @@ def run_recipe(name: str, flags: list[str], args: argparse.Namespace, runs_dir: 
         raise SystemExit(f"{name} failed ({result.returncode}): {result.stderr[-2000:]}")
     run_dir = max(runs_dir.iterdir(), key=lambda p: p.stat().st_mtime)
     saved = json.loads((run_dir / "meta" / "full_config.json").read_text())
+    results = json.loads((run_dir / "meta" / "results.json").read_text())
     # the calibration's line, and the pace check's where the run had one
     calibration = re.findall(r"time budget .*|pace check .*", result.stderr)
-    return {"recipe": name, "full_val_loss": float(match.group(1)), "wall_s": wall,
-            "steps": saved["train"]["max_iters"], "flags": " ".join(flags),
+    return {"recipe": name, "seed": saved["train"]["seed"],
+            "full_val_loss": float(match.group(1)), "wall_s": wall,
+            "steps": results["steps"], "ms_per_step": 1e3 * results["training_seconds"]
+            / max(1, results["steps"]), "flags": " ".join(flags),
             "calibration": "\n    ".join(calibration)}
 
 
@@ -101,6 +111,8 @@ def main() -> None:
                         help="seconds each recipe trains for (default: the default run's)")
     parser.add_argument("--recipes", nargs="+", default=["default", "classic"],
                         choices=sorted(RECIPES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[None],
+                        help="run every recipe once per seed (default: the config's seed)")
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--markdown", action="store_true", help="print a BENCHMARKS.md table")
     parser.add_argument("--verbose", action="store_true",
@@ -113,19 +125,38 @@ def main() -> None:
           f"{Path(args.data_path).name}, time budget {args.time_budget}s", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as runs_dir:
-        for name, flags in recipes_to_run(args).items():
-            row = run_recipe(name, flags, args, Path(runs_dir))
-            rows.append(row)
-            print(f"{name:40s} full-split val {row['full_val_loss']:.4f}  "
-                  f"{row['steps']:5d} steps  {row['wall_s']:6.1f}s", flush=True)
-            if args.verbose:
-                print(f"    {row['calibration']}", flush=True)
+        for seed in args.seeds:
+            for name, flags in recipes_to_run(args).items():
+                row = run_recipe(name, flags, args, Path(runs_dir), seed)
+                rows.append(row)
+                print(f"{name:40s} seed {row['seed']:<5d} full-split val "
+                      f"{row['full_val_loss']:.4f}  {row['steps']:5d} steps  "
+                      f"{row['ms_per_step']:6.1f} ms/step  {row['wall_s']:6.1f}s", flush=True)
+                if args.verbose:
+                    print(f"    {row['calibration']}", flush=True)
     if args.markdown:
-        print("\n| recipe | full-split val loss | steps | wall-clock (s) |\n|---|---|---|---|")
-        for row in rows:
-            print(f"| {row['recipe']} | {row['full_val_loss']:.4f} | {row['steps']} | "
-                  f"{row['wall_s']:.0f} |")
+        print_markdown(rows)
 
+
+def print_markdown(rows: list[dict]) -> None:
+    """One row per run, then each recipe's mean over the seeds and its margin under classic's
+    mean."""
+    print("\n| recipe | seed | full-split val loss | steps | ms per step | wall-clock (s) |\n"
+          "|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['recipe']} | {row['seed']} | {row['full_val_loss']:.4f} | "
+              f"{row['steps']:,} | {row['ms_per_step']:.0f} | {row['wall_s']:.0f} |")
+    by_recipe: dict[str, list[float]] = {}
+    for row in rows:
+        by_recipe.setdefault(row["recipe"], []).append(row["full_val_loss"])
+    if len(next(iter(by_recipe.values()))) > 1:
+        classic = statistics.mean(by_recipe["classic"])
+        print("\n| recipe | mean full-split val loss | spread (max - min) | under classic |\n"
+              "|---|---|---|---|")
+        for name, losses in by_recipe.items():
+            mean = statistics.mean(losses)
+            print(f"| {name} | {mean:.4f} | {max(losses) - min(losses):.4f} | "
+                  f"{classic - mean:.4f} |")
 
 if __name__ == "__main__":
     main()
