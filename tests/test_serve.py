@@ -544,8 +544,8 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-network
 @pytest.fixture(scope="module")
 def browser():
     if CHROMIUM is None:
-        if os.environ.get("CHARGPT_REQUIRE_BROWSER"):
-            pytest.fail("CHARGPT_REQUIRE_BROWSER is set but there is no chromium on PATH")
+        if os.environ.get("REQUIRE_CHROMIUM"):
+            pytest.fail("REQUIRE_CHROMIUM is set but there is no chromium on PATH")
         pytest.skip("no chromium on PATH: install Debian's chromium package (.ci/run does)")
     from playwright.sync_api import sync_playwright
 
@@ -589,4 +589,31 @@ def test_the_page_generates_the_clis_text_and_shows_each_characters_candidates(
         page.click("#go")
         page.wait_for_selector("#error:not([hidden])")
         assert "the text has" in page.text_content("#error")
+        page.close()
+
+
+def test_the_page_compares_two_runs_on_one_prompt_and_seed(browser, runs_dir, capsys):
+    random_run = next(p.name for p in runs_dir.iterdir() if p.name != TRAINED)
+    texts = []
+    for run in (TRAINED, random_run):
+        code, out, _ = cli_text(runs_dir, capsys, "--run", str(runs_dir / run), "--prompt",
+                                "To", "--max-new-tokens", "40", "--temperature", "1.0",
+                                "--seed", "9")
+        assert code == 0
+        texts.append(out.removesuffix("\n"))
+    with running_server(runs_dir) as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_function("document.querySelectorAll('#run-b option').length === 2")
+        page.click("nav button[data-mode=compare]")
+        page.select_option("#run", TRAINED)
+        page.select_option("#run-b", random_run)
+        page.fill("#prompt", "To")
+        page.fill("#temperature", "1.0")
+        page.fill("#seed", "9")
+        page.fill("#max_new_tokens", "40")
+        page.click("#go")
+        page.wait_for_function("document.getElementById('status').textContent === 'done'")
+        assert [page.text_content("#output-a"), page.text_content("#output-b")] == texts
+        assert "seed 9" in page.text_content("#summary-b")
         page.close()
