@@ -306,7 +306,8 @@ def serve_forever(app: FastAPI, sock: socket.socket) -> None:
     try:
         Server(config, app.state.generations).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shuts down cleanly, then passes Ctrl-C on
-        console.info("stopped")
+        pass
+    console.info("stopped")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
