@@ -300,8 +300,10 @@ class Server(uvicorn.Server):
 
 def serve_forever(app: FastAPI, sock: socket.socket) -> None:
     """Serve on the bound socket until Ctrl-C (or SIGTERM)."""
-    # a stream that does not end by itself (a client that reads nothing) is cut after this
-    config = uvicorn.Config(app, log_level="warning",
+    # a stream that does not end by itself (a client that reads nothing) is cut after this;
+    # the app has no start-up or shut-down work, and without a lifespan task a second Ctrl-C
+    # ends the server at once without a traceback
+    config = uvicorn.Config(app, log_level="warning", lifespan="off",
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)
     try:
         Server(config, app.state.generations).run(sockets=[sock])

@@ -533,6 +533,15 @@ def test_ctrl_c_stops_the_server_while_a_client_streams(runs_dir):
     assert err.strip().endswith("stopped")
 
 
+def test_ctrl_c_twice_ends_the_server_at_once_without_a_traceback(runs_dir):
+    process, url = start_server(runs_dir)
+    get_json(f"{url}/health")
+    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 0 and "Traceback" not in err, err
+
+
 # --- the page in a real browser --------------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
