@@ -119,6 +119,16 @@ def run_script(script: str, *args: str, cwd: Path | None = None, env: dict | Non
     )
 
 
+def break_package(name: str, message: str, tmp_path: Path, monkeypatch) -> None:
+    """Make `import name` fail with ImportError(message) in this process, as a broken install
+    on PYTHONPATH before the real one would."""
+    fake = tmp_path / "site" / name
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(f"raise ImportError({message!r})\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -564,22 +564,32 @@ def browser():
         launched.close()
 
 
+def opened_page(browser, url: str):
+    """The page, once it has listed both runs of the runs folder."""
+    page = browser.new_page()
+    page.goto(url)
+    page.wait_for_function("document.querySelectorAll('#run-b option').length === 2")
+    return page
+
+
+def run_on_page(page, fields: dict[str, str]) -> None:
+    """Fill in the fields, press the main button and wait for the page to say it is done."""
+    for selector, value in fields.items():
+        page.fill(selector, value)
+    page.click("#go")
+    page.wait_for_function("document.getElementById('status').textContent === 'done'")
+
+
 def test_the_page_generates_the_clis_text_and_shows_each_characters_candidates(
         browser, runs_dir, capsys):
     code, out, _ = cli_text(runs_dir, capsys, "--run", str(runs_dir / TRAINED), "--prompt",
                             "HAMLET.", "--max-new-tokens", "80", "--temperature", "0")
     assert code == 0
     with running_server(runs_dir) as url:
-        page = browser.new_page()
-        page.goto(url)
-        page.wait_for_function("document.querySelectorAll('#run option').length === 2")
+        page = opened_page(browser, url)
         page.select_option("#run", TRAINED)
         page.select_option("#checkpoint", "export")
-        page.fill("#prompt", "HAMLET.")
-        page.fill("#temperature", "0")
-        page.fill("#max_new_tokens", "80")
-        page.click("#go")
-        page.wait_for_function("document.getElementById('status').textContent === 'done'")
+        run_on_page(page, {"#prompt": "HAMLET.", "#temperature": "0", "#max_new_tokens": "80"})
         assert page.text_content("#output-a") == out.removesuffix("\n")
         assert page.locator("#output-a span.c").count() == 80
         page.hover("#output-a span.c >> nth=3")
@@ -589,9 +599,7 @@ def test_the_page_generates_the_clis_text_and_shows_each_characters_candidates(
         assert tooltip.locator("table").first.locator("tr").count() == 10
 
         page.click("nav button[data-mode=score]")
-        page.fill("#prompt", "HAMLET.\nTo be")
-        page.click("#go")
-        page.wait_for_function("document.getElementById('status').textContent === 'done'")
+        run_on_page(page, {"#prompt": "HAMLET.\nTo be"})
         assert "bits per character" in page.text_content("#summary-a")
 
         page.fill("#prompt", "To be ¿")
@@ -611,18 +619,12 @@ def test_the_page_compares_two_runs_on_one_prompt_and_seed(browser, runs_dir, ca
         assert code == 0
         texts.append(out.removesuffix("\n"))
     with running_server(runs_dir) as url:
-        page = browser.new_page()
-        page.goto(url)
-        page.wait_for_function("document.querySelectorAll('#run-b option').length === 2")
+        page = opened_page(browser, url)
         page.click("nav button[data-mode=compare]")
         page.select_option("#run", TRAINED)
         page.select_option("#run-b", random_run)
-        page.fill("#prompt", "To")
-        page.fill("#temperature", "1.0")
-        page.fill("#seed", "9")
-        page.fill("#max_new_tokens", "40")
-        page.click("#go")
-        page.wait_for_function("document.getElementById('status').textContent === 'done'")
+        run_on_page(page, {"#prompt": "To", "#temperature": "1.0", "#seed": "9",
+                           "#max_new_tokens": "40"})
         assert [page.text_content("#output-a"), page.text_content("#output-b")] == texts
         assert "seed 9" in page.text_content("#summary-b")
         page.close()

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from tests.conftest import BIN, find_aim_run, free_port, serve_and_get
+from tests.conftest import BIN, break_package, find_aim_run, free_port, serve_and_get
 
 # a capped end-of-run full-split score: what is tracked, not how much of input.txt is scored
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
@@ -94,12 +93,7 @@ def test_aim_run_is_closed_after_ctrl_c(tmp_path, capsys, monkeypatch):
 
 
 def test_broken_aim_install_is_reported_before_training(tmp_path, capsys, monkeypatch):
-    fake = tmp_path / "site" / "aim"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('libaim is missing')\n")
-    # in this process, as PYTHONPATH=site would put it before the installed aim
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.delitem(sys.modules, "aim", raising=False)
+    break_package("aim", "libaim is missing", tmp_path, monkeypatch)
     runs = tmp_path / "runs"
     assert train.main([*TINY, "--aim", "--runs-dir", str(runs)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [

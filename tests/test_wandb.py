@@ -5,12 +5,12 @@ refusals before any run folder exists."""
 from __future__ import annotations
 
 import struct
-import sys
 from pathlib import Path
 
 import pytest
 
 import train
+from tests.conftest import break_package
 
 pytest.importorskip("wandb")
 
@@ -94,11 +94,7 @@ def test_an_offline_run_holds_the_losses_and_a_resume_continues_it(tmp_path, cap
 
 
 def test_wandb_missing_is_one_line_before_any_run_folder(tmp_path, capsys, monkeypatch):
-    fake = tmp_path / "site" / "wandb"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('no module named wandb')\n")
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    break_package("wandb", "no module named wandb", tmp_path, monkeypatch)
     runs = tmp_path / "runs"
     assert train.main([*TINY, "--max-iters", "2", "--wandb", "--runs-dir", str(runs)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [

@@ -14,6 +14,7 @@ losses share one chart there.
 from __future__ import annotations
 
 import html
+import importlib
 import json
 import netrc
 import os
@@ -155,25 +156,23 @@ def aim_repo_path(config: Config) -> Path:
 
 def check_aim_available() -> None:
     """Fail before training starts if Aim is asked for but cannot be imported."""
+    check_importable("aim", "Aim", "turn it off with --no-aim")
+
+
+def check_importable(module: str, tracker: str, how_to_drop: str) -> None:
     try:
-        import aim  # noqa: F401
+        importlib.import_module(module)
     except Exception as error:  # a broken install raises more than ImportError
         raise UserError(
-            f"Aim logging was requested but aim cannot be imported ({error}); "
-            "install it with pip install aim, or turn it off with --no-aim"
+            f"{tracker} logging was requested but {module} cannot be imported ({error}); "
+            f"install it with pip install {module}, or {how_to_drop}"
         ) from None
 
 
 def check_wandb_available(config: Config) -> None:
     """Fail before training starts if W&B is asked for but cannot be imported, or asked to
     log online without an API key."""
-    try:
-        import wandb  # noqa: F401
-    except Exception as error:  # a broken install raises more than ImportError
-        raise UserError(
-            f"W&B logging was requested but wandb cannot be imported ({error}); install it "
-            "with pip install wandb, or drop --wandb"
-        ) from None
+    check_importable("wandb", "W&B", "drop --wandb")
     if config.train.wandb_mode == "online" and not has_wandb_api_key():
         raise UserError("--wandb-mode online needs a W&B API key: run wandb login or set "
                         "WANDB_API_KEY; or pass --wandb-mode offline to log into the run "
