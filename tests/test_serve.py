@@ -31,6 +31,7 @@ import train
 from model import LanguageModel, ModelConfig
 from tests.conftest import PROJECT_ROOT, randomised
 from tokenizer import CharTokenizer
+from utils import decoding
 from utils.checkpoint import save_export
 from utils.runs import create_run
 from utils.serving import Limits, ModelCache, RunCatalog
@@ -64,6 +65,14 @@ def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_export(other.export, randomised(LanguageModel(config), seed=3), tokenizer)
     os.rename(trained, runs / "20261201_000000_trained")  # the older of the two
     return runs
+
+
+@pytest.fixture(autouse=True)
+def inference_decodes_with_f_linear(monkeypatch):
+    """inference.py picks the faster of two float32 layouts by timing them, and the two can
+    break a near-tie differently (these tiny models have many); serve.py decodes with
+    F.linear. Timed as equals, inference.py takes F.linear too."""
+    monkeypatch.setattr(decoding, "decode_step_seconds", lambda model, batch_size: 1.0)
 
 
 @pytest.fixture(scope="module")

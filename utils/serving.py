@@ -35,7 +35,7 @@ from generation import SamplingConfig, draw_probabilities
 from model import LanguageModel, ModelConfig
 from tokenizer import CharTokenizer, UnknownCharactersError
 from utils.checkpoint import CHECKPOINT_SUFFIX, WEIGHTS_FILE
-from utils.decoding import Decoder, cpu_decoder
+from utils.decoding import Decoder
 from utils.errors import UserError
 from utils.runs import RunPaths, load_run_model, read_results
 from utils.sampling import (
@@ -260,9 +260,10 @@ class ModelCache:
     def _load(self, run: RunPaths, checkpoint: str) -> LoadedModel:
         saved = load_run_model(str(run.root), self.catalog.runs_dir,
                                None if checkpoint == EXPORT else checkpoint, self.device)
-        # inference.py's decoding copy, so a seed gives the characters it gives
-        decoder = (cpu_decoder(saved.model, "float32", batch_size=1)
-                   if self.device.type == "cpu" else Decoder(saved.model))
+        # the model as trained (F.linear), not a layout chosen by timing as inference.py's
+        # cpu_decoder does: two float32 layouts can break a near-tie differently, and every
+        # server process must give a seed the same characters
+        decoder = Decoder(saved.model)
         return LoadedModel(run.run_id, checkpoint, saved.model, decoder, saved.tokenizer,
                            self.device, self._turns)
 
