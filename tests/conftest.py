@@ -208,7 +208,8 @@ def final_hparams(run_dir: Path) -> dict[str, object]:
 # --no-loadscope-reorder): the files that take longest go first, so that no long file starts
 # when the other worker is nearly done. Each file keeps the order of its own tests.
 LONGEST_FIRST = ("test_decoding.py", "test_distributed.py", "test_resume.py", "test_search.py",
-                 "test_serve.py", "test_inference.py", "test_train.py", "test_tracking.py",
+                 "test_serve_live.py", "test_serve.py", "test_inference.py", "test_train.py",
+                 "test_tracking.py",
                  "test_generated_inputs.py", "test_data.py", "test_budget.py")
 
 

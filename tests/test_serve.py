@@ -1,23 +1,11 @@
-"""serve.py: the runs listing, generation equal to inference.py's, scoring equal to the model's
-own loss, every bad request answered 4xx in the command line's words, several clients at once,
-a client that goes away, the command line's own refusals, and the page in a real browser."""
+"""serve.py's API in process: the runs listing, generation equal to inference.py's, scoring
+equal to the model's own loss, and every bad request answered 4xx in the command line's
+words."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import math
-import os
-import re
 import shutil
-import signal
-import subprocess
-import sys
-import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,82 +13,35 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-import inference
-import serve
-import train
 from model import LanguageModel, ModelConfig
-from tests.conftest import PROJECT_ROOT, randomised
-from tokenizer import CharTokenizer
-from utils import decoding
-from utils.checkpoint import save_export
-from utils.runs import create_run
-from utils.serving import Limits, ModelCache, RunCatalog
-
-CORPUS = "".join(f"{name}.\nTo be, or not to be, that is the question {i % 7}.\n"
-                 for i, name in enumerate(("HAMLET", "OPHELIA", "HORATIO") * 60))
-LIMITS = Limits(max_new_tokens=600, max_score_chars=400)
+from tests.conftest import PROJECT_ROOT
+from tests.serving_runs import (
+    CORPUS,
+    TRAINED,
+    app_client,
+    build_runs,
+    cli_text,
+    decode_with_f_linear,
+    generate,
+    generated_text,
+)
+from utils.serving import ModelCache, RunCatalog
 
 
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A runs folder with a trained run (export, best, last, step_N, results.json) and an
-    exported run with random weights, for comparing."""
-    root = tmp_path_factory.mktemp("serve")
-    (root / "corpus.txt").write_text(CORPUS, encoding="utf-8")
-    runs = root / "runs"
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        code = train.main(["--data-path", str(root / "corpus.txt"), "--runs-dir", str(runs),
-                           "--run-tag", "trained", "--n-layer", "1", "--n-head", "2",
-                           "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
-                           "--max-iters", "4", "--time-budget", "none", "--eval-interval", "2",
-                           "--eval-iters", "1", "--checkpoint-interval", "2",
-                           "--sample-tokens", "0", "--histogram-interval", "0",
-                           "--device", "cpu"])
-    assert code == 0
-    (trained,) = runs.iterdir()
-    tokenizer = CharTokenizer.from_text(CORPUS)
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2,
-                         n_embd=16)
-    other = create_run(runs, "random")
-    save_export(other.export, randomised(LanguageModel(config), seed=3), tokenizer)
-    os.rename(trained, runs / "20261201_000000_trained")  # the older of the two
-    return runs
-
-
-@pytest.fixture(autouse=True)
-def inference_decodes_with_f_linear(monkeypatch):
-    """inference.py picks the faster of two float32 layouts by timing them, and the two can
-    break a near-tie differently (these tiny models have many); serve.py decodes with
-    F.linear. Timed as equals, inference.py takes F.linear too."""
-    monkeypatch.setattr(decoding, "decode_step_seconds", lambda model, batch_size: 1.0)
+    return build_runs(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
 def client(runs_dir: Path) -> Iterator[TestClient]:
-    catalog = RunCatalog(runs_dir)
-    cache = ModelCache(catalog, torch.device("cpu"), capacity=2)
-    app = serve.create_app(catalog, cache, LIMITS, "20261201_000000_trained")
-    with TestClient(app) as test_client:
+    with app_client(runs_dir) as test_client:
         yield test_client
 
 
-TRAINED = "20261201_000000_trained"
-
-
-def generate(client: TestClient, **body) -> list[dict]:
-    response = client.post("/api/generate", json={"run": TRAINED, **body})
-    assert response.status_code == 200, response.text
-    return [json.loads(line) for line in response.text.splitlines()]
-
-
-def generated_text(events: list[dict]) -> str:
-    return "".join(e["text"] for e in events if e["type"] == "char")
-
-
-def cli_text(runs_dir: Path, capsys, *argv: str) -> tuple[int, str, str]:
-    code = inference.main(["--runs-dir", str(runs_dir), "--device", "cpu", *argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+@pytest.fixture(autouse=True)
+def inference_decodes_with_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    decode_with_f_linear(monkeypatch)
 
 
 # --- the API ---------------------------------------------------------------------------------
@@ -397,243 +338,3 @@ def test_the_server_writes_nothing(client, runs_dir):
     client.post("/api/generate", json={"run": "nope"})
     client.get("/api/runs")
     assert files() == before
-
-
-# --- a real server: several clients, a client that goes away, the command line ----------------
-
-def start_server(runs_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
-    """serve.py on any free loopback port, and its base URL once it has printed it (it
-    listens from then on)."""
-    process = subprocess.Popen(
-        [sys.executable, str(PROJECT_ROOT / "serve.py"), "--runs-dir", str(runs_dir), "--port",
-         "0", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
-    line = process.stdout.readline()
-    match = re.search(r"http://\S+:(\d+)/", line)
-    if match is None:
-        os.killpg(process.pid, signal.SIGKILL)
-        raise AssertionError(line + process.communicate(timeout=30)[1])
-    return process, f"http://127.0.0.1:{match.group(1)}"
-
-
-@contextlib.contextmanager
-def running_server(runs_dir: Path, *flags: str) -> Iterator[str]:
-    process, url = start_server(runs_dir, *flags)
-    try:
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
-
-
-def post_stream(url: str, body: dict) -> list[dict]:
-    request = urllib.request.Request(url, json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return [json.loads(line) for line in response]
-
-
-def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return json.loads(response.read())
-
-
-def test_eight_clients_stream_at_once_each_with_its_own_seeds_text(client, runs_dir):
-    bodies = [{"run": TRAINED, "prompt": "To", "max_new_tokens": 500, "temperature": 1.0,
-               "seed": seed} for seed in range(8)]
-    alone = [generated_text(generate(client, **{k: v for k, v in body.items() if k != "run"}))
-             for body in bodies]
-    results: dict[int, str] = {}
-    with running_server(runs_dir) as url:
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(
-            i, generated_text(post_stream(f"{url}/api/generate", bodies[i]))))
-            for i in range(8)]
-        for thread in threads:
-            thread.start()
-        # while they stream, the page and the API answer, and the streams run side by side
-        most_at_once = 0
-        while any(thread.is_alive() for thread in threads):
-            most_at_once = max(most_at_once, get_json(f"{url}/health")["active_generations"])
-            with urllib.request.urlopen(f"{url}/", timeout=30) as page:
-                assert page.status == 200
-        for thread in threads:
-            thread.join()
-    assert [results.get(i) for i in range(8)] == alone
-    assert len(set(alone)) == 8
-    assert most_at_once >= 2
-
-
-def test_a_client_that_goes_away_ends_its_generation(runs_dir):
-    with running_server(runs_dir, "--max-new-tokens", "100000") as url:
-        request = urllib.request.Request(
-            f"{url}/api/generate", json.dumps({"run": TRAINED, "max_new_tokens": 100000,
-                                              "temperature": 1.0}).encode(), method="POST",
-            headers={"Content-Type": "application/json"})
-        response = urllib.request.urlopen(request, timeout=60)
-        response.readline()
-        response.readline()  # a character has been sent: the generation is under way
-        assert get_json(f"{url}/health")["active_generations"] == 1
-        response.close()  # what the page's Stop does: the connection goes
-        deadline = time.monotonic() + 60
-        while get_json(f"{url}/health")["active_generations"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert get_json(f"{url}/health")["active_generations"] == 0
-
-
-def refusal(capsys, *argv: str) -> str:
-    """serve.py's one error line for argv, after checking it exits 2 without a traceback."""
-    code = serve.main(list(argv))
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    (line,) = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert err.rstrip().endswith(line)
-    return line
-
-
-def test_the_command_line_refuses_what_it_cannot_serve(runs_dir, tmp_path, capsys):
-    assert "does not exist" in refusal(capsys, "--runs-dir", str(tmp_path / "none"))
-    (tmp_path / "empty").mkdir()
-    assert "no runs in" in refusal(capsys, "--runs-dir", str(tmp_path / "empty"))
-    assert "no run 'nope'" in refusal(capsys, "--runs-dir", str(runs_dir), "--run", "nope")
-    assert "--port must be in" in refusal(capsys, "--runs-dir", str(runs_dir), "--port",
-                                          "70000")
-    assert "--max-loaded must be at least 1" in refusal(capsys, "--runs-dir", str(runs_dir),
-                                                        "--max-loaded", "0")
-    assert "is not an address" in refusal(capsys, "--runs-dir", str(runs_dir), "--host",
-                                          "no.such.host.invalid")
-    with socket_in_use() as port:
-        line = refusal(capsys, "--runs-dir", str(runs_dir), "--port", str(port))
-        assert f"port {port} is in use" in line
-
-
-@contextlib.contextmanager
-def socket_in_use() -> Iterator[int]:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        yield sock.getsockname()[1]
-
-
-def test_a_run_folder_path_is_taken_like_inference_py_takes_it(runs_dir):
-    with running_server(runs_dir, "--run", str(runs_dir / TRAINED)) as url:
-        assert get_json(f"{url}/api/runs")["default"] == TRAINED
-
-
-def test_listening_beyond_loopback_warns(runs_dir):
-    process, _ = start_server(runs_dir, "--host", "0.0.0.0")
-    os.killpg(process.pid, signal.SIGTERM)
-    _, err = process.communicate(timeout=30)
-    assert "anyone who can reach this machine can use the page" in err
-
-
-def test_ctrl_c_stops_the_server_while_a_client_streams(runs_dir):
-    process, url = start_server(runs_dir, "--max-new-tokens", "100000")
-    request = urllib.request.Request(
-        f"{url}/api/generate", json.dumps({"run": TRAINED, "max_new_tokens": 100000}).encode(),
-        method="POST", headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        response.readline()
-        response.readline()  # streaming
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=60)  # the stream is cut after a grace period
-    assert process.returncode == 0 and "Traceback" not in err
-    assert err.strip().endswith("stopped")
-
-
-def test_ctrl_c_twice_ends_the_server_at_once_without_a_traceback(runs_dir):
-    process, url = start_server(runs_dir)
-    get_json(f"{url}/health")
-    process.send_signal(signal.SIGINT)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 0 and "Traceback" not in err, err
-
-
-# --- the page in a real browser --------------------------------------------------------------
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# chromium's own network reaches nothing here: only the page's server is asked
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        if os.environ.get("REQUIRE_CHROMIUM"):
-            pytest.fail("REQUIRE_CHROMIUM is set but there is no chromium on PATH")
-        pytest.skip("no chromium on PATH: install Debian's chromium package (.ci/run does)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        yield launched
-        launched.close()
-
-
-def opened_page(browser, url: str):
-    """The page, once it has listed both runs of the runs folder."""
-    page = browser.new_page()
-    page.goto(url)
-    page.wait_for_function("document.querySelectorAll('#run-b option').length === 2")
-    return page
-
-
-def run_on_page(page, fields: dict[str, str]) -> None:
-    """Fill in the fields, press the main button and wait for the page to say it is done."""
-    for selector, value in fields.items():
-        page.fill(selector, value)
-    page.click("#go")
-    page.wait_for_function("document.getElementById('status').textContent === 'done'")
-
-
-def test_the_page_generates_the_clis_text_and_shows_each_characters_candidates(
-        browser, runs_dir, capsys):
-    code, out, _ = cli_text(runs_dir, capsys, "--run", str(runs_dir / TRAINED), "--prompt",
-                            "HAMLET.", "--max-new-tokens", "80", "--temperature", "0")
-    assert code == 0
-    with running_server(runs_dir) as url:
-        page = opened_page(browser, url)
-        page.select_option("#run", TRAINED)
-        page.select_option("#checkpoint", "export")
-        run_on_page(page, {"#prompt": "HAMLET.", "#temperature": "0", "#max_new_tokens": "80"})
-        assert page.text_content("#output-a") == out.removesuffix("\n")
-        assert page.locator("#output-a span.c").count() == 80
-        page.hover("#output-a span.c >> nth=3")
-        tooltip = page.locator("#tooltip")
-        assert tooltip.is_visible()
-        assert "the model" in tooltip.text_content()
-        assert tooltip.locator("table").first.locator("tr").count() == 10
-
-        page.click("nav button[data-mode=score]")
-        run_on_page(page, {"#prompt": "HAMLET.\nTo be"})
-        assert "bits per character" in page.text_content("#summary-a")
-
-        page.fill("#prompt", "To be ¿")
-        page.click("#go")
-        page.wait_for_selector("#error:not([hidden])")
-        assert "the text has" in page.text_content("#error")
-        page.close()
-
-
-def test_the_page_compares_two_runs_on_one_prompt_and_seed(browser, runs_dir, capsys):
-    random_run = next(p.name for p in runs_dir.iterdir() if p.name != TRAINED)
-    texts = []
-    for run in (TRAINED, random_run):
-        code, out, _ = cli_text(runs_dir, capsys, "--run", str(runs_dir / run), "--prompt",
-                                "To", "--max-new-tokens", "40", "--temperature", "1.0",
-                                "--seed", "9")
-        assert code == 0
-        texts.append(out.removesuffix("\n"))
-    with running_server(runs_dir) as url:
-        page = opened_page(browser, url)
-        page.click("nav button[data-mode=compare]")
-        page.select_option("#run", TRAINED)
-        page.select_option("#run-b", random_run)
-        run_on_page(page, {"#prompt": "To", "#temperature": "1.0", "#seed": "9",
-                           "#max_new_tokens": "40"})
-        assert [page.text_content("#output-a"), page.text_content("#output-b")] == texts
-        assert "seed 9" in page.text_content("#summary-b")
-        page.close()

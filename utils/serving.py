@@ -90,15 +90,17 @@ class RunCatalog:
 
     def summaries(self) -> list[RunSummary]:
         """Every run with an export or a checkpoint, newest first."""
-        found = []
+        return [summarize(run, checkpoints) for run, checkpoints in self._servable()]
+
+    def _servable(self) -> Iterator[tuple[RunPaths, list[str]]]:
+        """Each run inside the runs folder, newest first, with what it can serve from inside."""
         for folder in sorted(self.runs_dir.iterdir(), reverse=True) if self.has_runs() else []:
             if folder.is_dir() and RUN_ID.fullmatch(folder.name) and self._inside(folder):
                 run = RunPaths(folder)
                 checkpoints = [name for name in checkpoint_names(run)
                                if self._inside(weights_path(run, name))]
                 if checkpoints:
-                    found.append(summarize(run, checkpoints))
-        return found
+                    yield run, checkpoints
 
     def has_runs(self) -> bool:
         return self.runs_dir.is_dir()
@@ -110,7 +112,8 @@ class RunCatalog:
             raise UserError(f"checkpoint {checkpoint[:100]!r} is not one a run has: name "
                             "export, best, last or step_N")
         if run_id == LATEST:
-            newest = next((s.id for s in self.summaries() if checkpoint in s.checkpoints), None)
+            newest = next((run.run_id for run, names in self._servable() if checkpoint in names),
+                          None)
             if newest is None:
                 what = "an export" if checkpoint == EXPORT else f"a checkpoint '{checkpoint}'"
                 raise UserError(f"no run with {what} in {self.runs_dir}/; train one with "
