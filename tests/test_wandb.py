@@ -54,7 +54,8 @@ def history(records: list) -> dict[int, dict[str, str]]:
         if record.WhichOneof("record_type") == "history":
             items = {(item.key or "/".join(item.nested_key)): item.value_json
                      for item in record.history.item}
-            steps[int(items["_step"])] = items
+            # a step's row may come in more than one record: the later ones add keys
+            steps.setdefault(int(items["_step"]), {}).update(items)
     return steps
 
 
