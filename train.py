@@ -81,7 +81,7 @@ def train(argv: Sequence[str]) -> int:
         return describe_data(config, tokenizer)
     setup = build_setup(config, tokenizer)
     if setup.config.train.aim_logging:
-        check_aim_available()
+        check_aim_available(setup.config)
     if setup.config.train.wandb_logging:
         check_wandb_available(setup.config)
     state = init_state(setup)
@@ -179,7 +179,7 @@ def fit(state: TrainingState, plan: budget.Plan, run: RunPaths, tracker: Tracker
         return INTERRUPTED_EXIT_CODE
     finally:
         tracker.close()
-        results = run_results(state, plan.setup, end)
+        results = run_results(state, plan.setup, end, tracker.lost)
         distributed.on_main(lambda: write_results(run, results))
     distributed.on_main(lambda: report(run, state, plan.setup, tracker.closing_notes))
     if stop.requested:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from model import CLASSIC_ARCHITECTURE, ConfigFieldError, ModelConfig, check_field_values
+from utils.aim_server_run import AIM_SERVER_PATTERN
 from utils.config_values import parse_duration
 from utils.device import DEVICE_PATTERN, DEVICE_WORDS
 
@@ -152,8 +153,9 @@ class TrainConfig:
         default=False, metadata={"help": "also track the run in Aim", "aliases": ("--aim",)}
     )
     aim_repo: str | None = field(
-        default=None, metadata={"help": "folder holding the Aim repo (.aim); none = the project "
-                                        "root", "output_folder": True}
+        default=None, metadata={"help": "folder holding the Aim repo (.aim), or aim://HOST:PORT "
+                                        "of an `aim server`; none = the project root",
+                                "output_folder": True}
     )
     wandb_logging: bool = field(
         default=False, metadata={"help": "also track the run in Weights & Biases "
@@ -267,6 +269,8 @@ class TrainConfig:
         if not self.wandb_project.strip() or any(c in self.wandb_project for c in WANDB_BANNED):
             raise ConfigFieldError(
                 f"wandb_project must be a name without any of {WANDB_BANNED!r}", "wandb_project")
+        if self.aim_repo is not None and "://" in self.aim_repo:
+            check_aim_server_address(self.aim_repo)
         if not RUN_TAG_PATTERN.fullmatch(self.run_tag):
             raise ConfigFieldError(
                 "run_tag may hold letters, digits, '.', '_' and '-' and must start with a "
@@ -281,6 +285,20 @@ class TrainConfig:
     @property
     def decay_end_step(self) -> int:
         return self.max_iters if self.lr_decay_iters is None else self.lr_decay_iters
+
+
+def is_aim_server(aim_repo: str | None) -> bool:
+    """Whether aim_repo names an `aim server` (aim://HOST:PORT) rather than a folder."""
+    return aim_repo is not None and aim_repo.startswith("aim://")
+
+
+def check_aim_server_address(address: str) -> None:
+    match = AIM_SERVER_PATTERN.fullmatch(address)
+    if match is None or not 1 <= int(match["port"]) <= 65535:
+        raise ConfigFieldError(
+            "aim_repo takes a folder or an Aim server's address, aim://HOST:PORT with a port "
+            "in 1-65535, such as aim://10.0.0.5:53800 (the port `aim server` prints, not the "
+            "UI's)", "aim_repo")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from utils.config import (
     USER_FIELDS,
     Config,
     TrainConfig,
+    is_aim_server,
 )
 from utils.config_values import convert, describe_expected, finite, format_value, metavar
 from utils.errors import UserError
@@ -346,7 +347,7 @@ def _build_config(merged: Mapping[str, tuple[Any, str]]) -> Config:
     config = Config(model=_build(ModelConfig, merged), train=_build(TrainConfig, merged))
     for name in OUTPUT_FOLDER_FIELDS:
         path, source = merged[name]
-        if path is not None:
+        if path is not None and not (name == "aim_repo" and is_aim_server(path)):
             check_output_folder(path, source if source.startswith("--") else
                                 f"{name} (from {source})")
     return config

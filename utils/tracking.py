@@ -27,8 +27,9 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-from utils import distributed
-from utils.config import PROJECT_ROOT, Config
+from utils import console, distributed
+from utils.aim_server_run import CLOSE_SECONDS, AimServer, AimServerRun, aim_value
+from utils.config import PROJECT_ROOT, Config, is_aim_server
 from utils.errors import UserError
 from utils.runs import RunPaths
 
@@ -95,7 +96,7 @@ class Tracker:
             return cls([])
         backends: list[Backend] = [TensorBoardBackend(run.tensorboard, resume_step)]
         if config.train.aim_logging:
-            backends.append(AimBackend(run, aim_repo_path(config), resume_step is not None))
+            backends.append(AimBackend(run, aim_repo(config), resume_step is not None))
         if config.train.wandb_logging:
             backends.append(WandbBackend(run, config))
         tracker = cls(backends)
@@ -135,6 +136,13 @@ class Tracker:
             backend.close()
 
     @property
+    def lost(self) -> dict[str, str]:
+        """The trackers that stopped taking the run's logs part way, and why, for
+        results.json."""
+        return {type(backend).__name__.removesuffix("Backend").lower(): backend.lost
+                for backend in self.backends if getattr(backend, "lost", None)}
+
+    @property
     def closing_notes(self) -> list[str]:
         """What the backends have to tell the user once the run is over."""
         return [note for backend in self.backends for note in getattr(backend, "notes", [])]
@@ -149,14 +157,24 @@ def flat_hparams(config: Config) -> dict[str, Any]:
     return {k: "none" if v is None else v for k, v in flat.items()}
 
 
-def aim_repo_path(config: Config) -> Path:
-    """The folder holding the Aim repo (`.aim`), as `aim up --repo` takes it."""
-    return Path(config.train.aim_repo) if config.train.aim_repo else PROJECT_ROOT
+def aim_repo(config: Config) -> str:
+    """Where Aim runs go: an `aim server`'s aim://HOST:PORT, or the folder holding the repo
+    (.aim), as `aim up --repo` takes it."""
+    return config.train.aim_repo or str(PROJECT_ROOT)
 
 
-def check_aim_available() -> None:
-    """Fail before training starts if Aim is asked for but cannot be imported."""
+def check_aim_available(config: Config) -> None:
+    """Fail before training starts if Aim is asked for but cannot be imported, or its server
+    does not answer."""
     check_importable("aim", "Aim", "turn it off with --no-aim")
+    if is_aim_server(config.train.aim_repo):
+        server = AimServer(config.train.aim_repo)
+        problem = server.problem()
+        if problem is not None:
+            raise UserError(
+                f"no Aim server answers at {server.address} ({problem}); start one on that "
+                f"machine with aim server --repo FOLDER --host 0.0.0.0 --port {server.port}, "
+                "or log into a local repo with --aim-repo FOLDER")
 
 
 def check_importable(module: str, tracker: str, how_to_drop: str) -> None:
@@ -237,49 +255,120 @@ class TensorBoardBackend:
 
 
 class AimBackend:
-    def __init__(self, run: RunPaths, repo_path: Path, resuming: bool) -> None:
-        import aim
+    """Aim, in a local repo (the folder holding .aim) or on an `aim server` (aim://HOST:PORT).
 
-        self.aim = aim
-        repo_path.mkdir(parents=True, exist_ok=True)
-        # the same as `aim init` on first use; later runs share the repo
-        repo = aim.Repo.from_path(str(repo_path), init=not aim.Repo.exists(str(repo_path)))
+    A run on a server is held by a child process (utils/aim_server_run.py), so training never
+    waits for the server. Aim's client queues what the server cannot take and retries in the
+    background, so a server that went away does not show in its calls: the backend asks the
+    server itself, at most every AimServer.CHECK_SECONDS and once more as the run ends. From
+    the first time it does not answer, nothing more goes to Aim (the other trackers go on) and
+    `lost` says since when, for results.json."""
+
+    def __init__(self, run: RunPaths, repo: str, resuming: bool) -> None:
+        self.server = AimServer(repo) if is_aim_server(repo) else None
+        self.lost: str | None = None
+        self.step = 0
         record = run.meta / "aim_run.txt"
         saved_hash, saved_repo = (record.read_text().split("\n")[:2] if record.exists()
                                   else (None, None))
-        if resuming and saved_hash and Path(saved_repo) == repo_path:
-            # the process that held this run is gone (it was stopped or killed), so take it over
-            self.run = aim.Run(saved_hash, repo=repo, force_resume=True)
+        same_repo = saved_repo is not None and (
+            saved_repo == repo if self.server else Path(saved_repo) == Path(repo))
+        # a resumed run takes over its Aim run: the process that held it is gone
+        take_over = saved_hash if resuming and same_repo else None
+        if self.server is None:
+            self.run: LocalAimRun | AimServerRun = LocalAimRun.open(repo, run.run_id, take_over)
         else:
-            self.run = aim.Run(repo=repo)
-            self.run.name = run.run_id
-            record.write_text(f"{self.run.hash}\n{repo_path}\n")
+            self.run = AimServerRun.open(repo, run.run_id, take_over,
+                                         run.root / "logs" / "aim_client.log")
+        if take_over is None:
+            record.write_text(f"{self.run.hash}\n{repo}\n")
 
     def start(self, config: Config, metadata: Mapping[str, str]) -> None:
-        self.run["hparams"] = flat_hparams(config)
-        self.run["meta"] = dict(metadata)
+        if self.reachable():
+            self.run.set("hparams", flat_hparams(config))
+            self.run.set("meta", dict(metadata))
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        for name, value in metrics.items():
-            metric, context = _aim_name(name)
-            self.run.track(value, name=metric, step=step, context=context)
+        if self.reachable(step):
+            for name, value in metrics.items():
+                self.track(("scalar", float(value)), name, step)
 
     def log_distributions(self, distributions: Mapping[str, Histogram], step: int) -> None:
-        for name, h in distributions.items():
-            metric, context = _aim_name(name)
-            distribution = self.aim.Distribution(hist=h.bin_counts, bin_range=(h.min, h.max))
-            self.run.track(distribution, name=metric, step=step, context=context)
+        if self.reachable(step):
+            for name, h in distributions.items():
+                self.track(("distribution", h.bin_counts, (h.min, h.max)), name, step)
 
     def log_text(self, name: str, text: str, step: int) -> None:
+        if self.reachable(step):
+            self.track(("text", text), name, step)
+
+    def track(self, value: tuple, name: str, step: int) -> None:
         metric, context = _aim_name(name)
-        self.run.track(self.aim.Text(text), name=metric, step=step, context=context)
+        self.run.track(value, metric, step, context)
 
     def log_summary(self, hparams: Mapping[str, Any], results: Mapping[str, float]) -> None:
-        self.run["hparams"] = dict(hparams)  # the final ones: a pace check may change max_iters
-        self.run["results"] = dict(results)
+        if self.reachable():
+            self.run.set("hparams", dict(hparams))  # the final ones: a pace check may change them
+            self.run.set("results", dict(results))
 
     def close(self) -> None:
-        self.run.close()
+        if not self.reachable(check_now=True):
+            return  # the child was ended as the server went
+        if self.server is None or not isinstance(self.run, AimServerRun):
+            self.run.close()
+        elif self.run.dropped:
+            self.lose(f"took the run's logs slower than it made them: {self.run.dropped} "
+                      "calls were dropped")
+        elif not self.run.close():
+            self.lose(f"had not taken the run's last logs {CLOSE_SECONDS:.0f} s after its end")
+
+    def reachable(self, step: int | None = None, check_now: bool = False) -> bool:
+        """Whether to log to Aim: always for a local repo; for a server, while it answers."""
+        self.step = self.step if step is None else step
+        if self.server is not None and self.lost is None:
+            problem = self.server.problem() if check_now else self.server.problem_now_and_then()
+            if problem is not None:
+                self.lose(f"stopped answering by step {self.step} ({problem})")
+        return self.lost is None
+
+    def lose(self, what: str) -> None:
+        assert self.server is not None and isinstance(self.run, AimServerRun)
+        self.lost = f"the Aim server at {self.server.address} {what}"
+        self.run.abandon()
+        console.warn(f"{self.lost}; the run goes on without Aim (TensorBoard has every step), "
+                     "and its results.json records this")
+
+
+class LocalAimRun:
+    """An Aim run in a local repo, with AimServerRun's calls."""
+
+    def __init__(self, run: Any) -> None:
+        import aim
+
+        self.aim, self.aim_run, self.hash = aim, run, run.hash
+
+    @classmethod
+    def open(cls, repo_path: str, name: str, saved_hash: str | None) -> LocalAimRun:
+        import aim
+
+        Path(repo_path).mkdir(parents=True, exist_ok=True)
+        # the same as `aim init` on first use; later runs share the repo
+        repo = aim.Repo.from_path(repo_path, init=not aim.Repo.exists(repo_path))
+        if saved_hash:
+            return cls(aim.Run(saved_hash, repo=repo, force_resume=True))
+        run = aim.Run(repo=repo)
+        run.name = name
+        return cls(run)
+
+    def set(self, key: str, value: Any) -> None:
+        self.aim_run[key] = value
+
+    def track(self, value: tuple, name: str, step: int, context: dict[str, str]) -> None:
+        self.aim_run.track(aim_value(self.aim, value), name=name, step=step, context=context)
+
+    def close(self) -> bool:
+        self.aim_run.close()
+        return True
 
 
 def _aim_name(name: str) -> tuple[str, dict[str, str]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -258,10 +258,12 @@ def bits_per_character(loss: float) -> float:
     return loss / math.log(2)
 
 
-def run_results(state: TrainingState, setup: Setup, end_reason: str) -> dict[str, Any]:
+def run_results(state: TrainingState, setup: Setup, end_reason: str,
+                trackers_lost: Mapping[str, str]) -> dict[str, Any]:
     """What a run achieved, for meta/results.json: its losses (also in bits per character;
-    None where it has none, as when it stopped before an evaluation), how long it trained
-    and why it ended."""
+    None where it has none, as when it stopped before an evaluation), how long it trained,
+    why it ended, and any tracker that stopped taking its logs part way (an Aim server that
+    went away), with why."""
     losses = {
         "final_val_loss": state.last_losses.get("val"),
         "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
@@ -276,6 +278,7 @@ def run_results(state: TrainingState, setup: Setup, end_reason: str) -> dict[str
         "tokens": state.step * setup.tokens_per_step(),
         "training_seconds": round(state.training_seconds, 3),
         "end_reason": end_reason,
+        "trackers_lost": dict(trackers_lost),
     }
 
 

@@ -1,0 +1,146 @@
+"""Aim on an `aim server` (--aim-repo aim://HOST:PORT), the server started by the test on a
+free loopback port: the run lands in the server's repo and a resume continues it there; a
+server that goes away mid-run never stops training; a bad address or no server is refused
+before any run folder exists."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import train
+from tests.conftest import BIN, find_aim_run, free_port
+from tests.test_tracking import TINY, steps_and_values
+
+
+@pytest.fixture
+def aim_server(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen]]:
+    """A running `aim server` on loopback: (its aim:// address, its repo folder, its process)."""
+    repo = tmp_path / "server_repo"
+    repo.mkdir()
+    subprocess.run([str(BIN / "aim"), "init", "--repo", str(repo), "--skip-if-exists"],
+                   check=True, capture_output=True)
+    port = free_port()
+    # its own process group: the server answers through a uvicorn child, which must go too
+    server = subprocess.Popen([str(BIN / "aim"), "server", "--repo", str(repo), "--host",
+                               "127.0.0.1", "--port", str(port)], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_answering(port, server)
+        yield f"aim://127.0.0.1:{port}", repo, server
+    finally:
+        stop(server, signal.SIGINT)
+
+
+def wait_until_answering(port: int, server: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/status/", timeout=2).close()
+            return
+        except OSError:
+            assert server.poll() is None, f"aim server exited with {server.returncode}"
+            assert time.monotonic() < deadline, "aim server did not answer"
+            time.sleep(0.1)
+
+
+def stop(server: subprocess.Popen, how: signal.Signals) -> None:
+    try:
+        os.killpg(server.pid, how)
+    except ProcessLookupError:
+        return  # already stopped, children and all
+    server.wait(timeout=30)
+
+
+def results(runs: Path) -> dict:
+    (run_dir,) = runs.iterdir()
+    return json.loads((run_dir / "meta" / "results.json").read_text())
+
+
+def test_a_run_logs_to_the_server_and_a_resume_continues_its_aim_run(aim_server, tmp_path,
+                                                                      capsys):
+    from aim.storage.context import Context
+
+    address, repo, server = aim_server
+    runs = tmp_path / "runs"
+    assert train.main([*TINY, "--checkpoint-interval", "20", "--aim", "--aim-repo", address,
+                       "--runs-dir", str(runs)]) == 0
+    (run_dir,) = runs.iterdir()
+    assert train.main(["--resume", str(run_dir), "--max-iters", "60"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert results(runs)["trackers_lost"] == {}
+    assert (run_dir / "meta" / "aim_run.txt").read_text().split("\n")[1] == address
+    stop(server, signal.SIGINT)  # the repo is read from its folder, as after the server's day
+
+    run = find_aim_run(repo, run_dir.name)
+    steps, _ = steps_and_values(run.get_metric("loss", Context({"subset": "train"})))
+    val_steps, val_values = steps_and_values(run.get_metric("loss", Context({"subset": "val"})))
+    assert (steps, val_steps) == ([10, 20, 30, 40, 50, 60], [20, 40, 60])
+    assert run["hparams"]["max_iters"] == 60 and run["hparams"]["aim_repo"] == address
+    assert run["results"]["hparams/final_val_loss"] == pytest.approx(val_values[-1])
+    assert run.get_text_sequence("samples", Context({})) is not None
+    assert not run.active
+
+
+def test_a_server_that_goes_away_mid_run_never_stops_training(aim_server, tmp_path, capsys,
+                                                               monkeypatch):
+    """The server is killed (with its children) during step 25; the run trains to the end with
+    the loss of a run without Aim, says so once, and records it in results.json."""
+    address, _, server = aim_server
+    flags = [*TINY, "--num-threads", "1"]
+    assert train.main([*flags, "--runs-dir", str(tmp_path / "alone")]) == 0
+    real_step = train.optimizer_step
+    calls = {"n": 0}
+
+    def step_then_kill_the_server(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            stop(server, signal.SIGKILL)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "optimizer_step", step_then_kill_the_server)
+    capsys.readouterr()
+    runs = tmp_path / "runs"
+    assert train.main([*flags, "--aim", "--aim-repo", address, "--runs-dir", str(runs)]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "Traceback" not in err
+    assert warnings[0].startswith(f"warning: the Aim server at {address} stopped answering by "
+                                  "step ")
+    assert "the run goes on without Aim (TensorBoard has every step)" in warnings[0]
+    tracked, alone = results(runs), results(tmp_path / "alone")
+    assert tracked["trackers_lost"]["aim"] == warnings[0].removeprefix("warning: ").split(";")[0]
+    for key in ("steps", "final_val_loss", "full_split_val_loss", "end_reason"):
+        assert tracked[key] == alone[key], key
+
+
+BAD_ADDRESSES = ["aim://127.0.0.1", "aim://127.0.0.1:70000", "aim://127.0.0.1:0",
+                 "aim://:53800", "aim://127.0.0.1:53800/repo", "http://127.0.0.1:43800"]
+
+
+@pytest.mark.parametrize("address", BAD_ADDRESSES)
+def test_a_malformed_server_address_is_refused_in_one_line(tmp_path, capsys, address):
+    runs = tmp_path / "runs"
+    assert train.main([*TINY, "--aim", "--aim-repo", address, "--runs-dir", str(runs)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: aim_repo takes a folder or an Aim server's address, "
+                           "aim://HOST:PORT") and address in line
+    assert not runs.exists()
+
+
+def test_no_server_at_the_address_is_refused_in_one_line(tmp_path, capsys):
+    runs, port = tmp_path / "runs", free_port()
+    assert train.main([*TINY, "--aim", "--aim-repo", f"aim://127.0.0.1:{port}", "--runs-dir",
+                       str(runs)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: no Aim server answers at aim://127.0.0.1:{port} (")
+    assert f"aim server --repo FOLDER --host 0.0.0.0 --port {port}" in line
+    assert not runs.exists()
