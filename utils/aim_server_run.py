@@ -19,10 +19,12 @@ utils.aim_server_run).
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import queue
 import re
 import select
+import signal
 import ssl
 import subprocess
 import sys
@@ -167,8 +169,13 @@ class AimServerRun:
 # the child ------------------------------------------------------------------------------------
 
 def serve(address: str, name: str, saved_hash: str, calls: BinaryIO) -> None:
-    """Open the run, print its hash, apply each call read from `calls`, close the run."""
+    """Open the run, print its hash, apply each call read from `calls` until the training
+    process closes them (or is gone), close the run."""
     import aim
+
+    # Ctrl-C in a terminal reaches the whole process group: the training process ends its
+    # steps and closes the calls, after which this process closes the run
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     if saved_hash:
         # the process that held this run is gone (it was stopped or killed): take it over
@@ -188,7 +195,12 @@ def serve(address: str, name: str, saved_hash: str, calls: BinaryIO) -> None:
         else:
             value, metric, step, context = args
             run.track(aim_value(aim, value), name=metric, step=step, context=context)
-    run.close()
+    closing = threading.Thread(target=run.close, daemon=True)
+    closing.start()
+    closing.join(CLOSE_SECONDS)
+    if closing.is_alive():
+        # the server took nothing more in time; Aim's exit handlers would wait on it again
+        os._exit(1)
 
 
 def aim_value(aim: Any, value: tuple) -> Any:
