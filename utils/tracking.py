@@ -28,7 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from utils import console, distributed
-from utils.aim_server_run import CLOSE_SECONDS, AimServer, AimServerRun, aim_value
+from utils.aim_server_run import AimServer, AimServerError, AimServerRun, aim_value
 from utils.config import PROJECT_ROOT, Config, is_aim_server
 from utils.errors import UserError
 from utils.runs import RunPaths
@@ -258,28 +258,30 @@ class AimBackend:
     """Aim, in a local repo (the folder holding .aim) or on an `aim server` (aim://HOST:PORT).
 
     A run on a server is held by a child process (utils/aim_server_run.py), so training never
-    waits for the server. Aim's client queues what the server cannot take and retries in the
-    background, so a server that went away does not show in its calls: the backend asks the
-    server itself, at most every AimServer.CHECK_SECONDS and once more as the run ends. From
-    the first time it does not answer, nothing more goes to Aim (the other trackers go on) and
-    `lost` says since when, for results.json."""
+    waits for the server. If that run cannot be opened, or the server stops answering, or the
+    child ends, nothing more goes to Aim (the other trackers go on) and `lost` says why and
+    since when, for results.json."""
 
     def __init__(self, run: RunPaths, repo: str, resuming: bool) -> None:
-        self.server = AimServer(repo) if is_aim_server(repo) else None
         self.lost: str | None = None
         self.step = 0
         record = run.meta / "aim_run.txt"
         saved_hash, saved_repo = (record.read_text().split("\n")[:2] if record.exists()
                                   else (None, None))
         same_repo = saved_repo is not None and (
-            saved_repo == repo if self.server else Path(saved_repo) == Path(repo))
+            saved_repo == repo if is_aim_server(repo) else Path(saved_repo) == Path(repo))
         # a resumed run takes over its Aim run: the process that held it is gone
         take_over = saved_hash if resuming and same_repo else None
-        if self.server is None:
-            self.run: LocalAimRun | AimServerRun = LocalAimRun.open(repo, run.run_id, take_over)
+        self.run: LocalAimRun | AimServerRun | None = None
+        if not is_aim_server(repo):
+            self.run = LocalAimRun.open(repo, run.run_id, take_over)
         else:
-            self.run = AimServerRun.open(repo, run.run_id, take_over,
-                                         run.root / "logs" / "aim_client.log")
+            try:
+                self.run = AimServerRun.open(AimServer(repo), run.run_id, take_over,
+                                             run.root / "logs" / "aim_client.log")
+            except AimServerError as error:
+                self.lose(str(error))
+                return
         if take_over is None:
             record.write_text(f"{self.run.hash}\n{repo}\n")
 
@@ -312,31 +314,26 @@ class AimBackend:
             self.run.set("results", dict(results))
 
     def close(self) -> None:
-        if not self.reachable(check_now=True):
-            return  # the child was ended as the server went
-        if self.server is None or not isinstance(self.run, AimServerRun):
-            self.run.close()
-        elif self.run.dropped:
-            self.lose(f"took the run's logs slower than it made them: {self.run.dropped} "
-                      "calls were dropped")
-        elif not self.run.close():
-            self.lose(f"had not taken the run's last logs {CLOSE_SECONDS:.0f} s after its end")
+        if self.reachable():
+            trouble = self.run.close()
+            if trouble is not None:
+                self.lose(f"{trouble}, at the end of step {self.step}")
 
-    def reachable(self, step: int | None = None, check_now: bool = False) -> bool:
-        """Whether to log to Aim: always for a local repo; for a server, while it answers."""
+    def reachable(self, step: int | None = None) -> bool:
+        """Whether to log to Aim: always for a local repo; for a server, until trouble."""
         self.step = self.step if step is None else step
-        if self.server is not None and self.lost is None:
-            problem = self.server.problem() if check_now else self.server.problem_now_and_then()
-            if problem is not None:
-                self.lose(f"stopped answering by step {self.step} ({problem})")
+        if self.lost is None and isinstance(self.run, AimServerRun):
+            trouble = self.run.trouble()
+            if trouble is not None:
+                self.lose(f"{trouble}, by step {self.step}")
         return self.lost is None
 
-    def lose(self, what: str) -> None:
-        assert self.server is not None and isinstance(self.run, AimServerRun)
-        self.lost = f"the Aim server at {self.server.address} {what}"
-        self.run.abandon()
-        console.warn(f"{self.lost}; the run goes on without Aim (TensorBoard has every step), "
-                     "and its results.json records this")
+    def lose(self, why: str) -> None:
+        self.lost = why
+        if isinstance(self.run, AimServerRun):
+            self.run.abandon()
+        console.warn(f"{why}; the run goes on without Aim (TensorBoard has every step), and "
+                     "its results.json records this")
 
 
 class LocalAimRun:
@@ -366,9 +363,8 @@ class LocalAimRun:
     def track(self, value: tuple, name: str, step: int, context: dict[str, str]) -> None:
         self.aim_run.track(aim_value(self.aim, value), name=name, step=step, context=context)
 
-    def close(self) -> bool:
+    def close(self) -> None:
         self.aim_run.close()
-        return True
 
 
 def _aim_name(name: str) -> tuple[str, dict[str, str]]:
