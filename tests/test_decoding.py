@@ -124,22 +124,23 @@ def test_smaller_decode_weights_stay_close_to_float32(tiny_config, weights, tole
 
 
 def test_compiled_bfloat16_decoding_stays_close_to_float32(tiny_config):
-    """Compiled with bfloat16 weights, the decode steps move the logits by a small fraction
-    of their spread, as bfloat16 weights do eager; the prefill keeps float32's. (That two
-    models of one shape each decode with their own weights is pinned for float32 above.)"""
+    """Compiled with bfloat16 weights, the decode steps of a batch move the logits by a small
+    fraction of their spread, as bfloat16 weights do eager; the prefill keeps float32's. (That
+    two models of one shape each decode with their own weights is pinned for float32 above;
+    inference.py's --compile --dtype bfloat16 passes its dtype here.)"""
     config = dataclasses.replace(tiny_config, n_layer=1)  # a smaller graph compiles sooner
     model = randomised(LanguageModel(config)).eval()
     decoder = compiled_for_decoding(model, "bfloat16")
-    idx = torch.randint(config.vocab_size, (1, config.block_size),
+    idx = torch.randint(config.vocab_size, (2, config.block_size),
                         generator=torch.Generator().manual_seed(0))
-    cache = KVCache(config, 1)
+    cache = KVCache(config, 2)
     with torch.no_grad():
-        reference = model(idx)[0][0]
-        logits = [decoder.model(idx[:, :1], cache=cache)[0][0]]  # the eager prefill
-        logits += [decoder.step(idx[:, t:t + 1], cache)[0][0] for t in range(1, idx.size(1))]
-    logits = torch.cat(logits)
-    assert logits.dtype == torch.float32
-    torch.testing.assert_close(logits[0], reference[0], rtol=0, atol=1e-5)
+        reference = model(idx)[0]
+        logits = [decoder.model(idx[:, :1], cache=cache)[0]]  # the eager prefill
+        logits += [decoder.step(idx[:, t:t + 1], cache)[0] for t in range(1, idx.size(1))]
+    logits = torch.cat(logits, dim=1)
+    assert logits.dtype == torch.float32 and logits.shape == reference.shape
+    torch.testing.assert_close(logits[:, 0], reference[:, 0], rtol=0, atol=1e-5)
     spread = (reference.max() - reference.min()).item()
-    assert 0 < (logits[1:] - reference[1:]).abs().max().item() <= 0.05 * spread
+    assert 0 < (logits[:, 1:] - reference[:, 1:]).abs().max().item() <= 0.05 * spread
     assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9

@@ -276,17 +276,6 @@ def test_compile_and_quantize_decode_the_portable_way_on_an_untested_torch(
     assert "compiled the decode step" not in err
 
 
-def test_compiled_bfloat16_cpu_decoding_writes_a_batch(exported_run, capsys):
-    code, out, err = run_inference(capsys, "--run", str(exported_run), "--max-new-tokens", "40",
-                                   "--prompt", "ab", "--device", "cpu", "--compile",
-                                   "--dtype", "bfloat16", "--num-samples", "2", "--no-stream")
-    assert code == 0, err
-    samples = printed_samples(out)
-    assert len(samples) == 2
-    assert all(s.startswith("ab") and len(s) == len("ab") + 40 for s in samples)
-    assert re.search(r"compiled the decode step in \d+\.\d s", err)
-
-
 @pytest.mark.parametrize("faster", ["F.linear", "transposed"])
 def test_cpu_float32_decoding_keeps_the_faster_layout(exported_run, monkeypatch, faster):
     """Which float32 layout decodes faster depends on the CPU, so inference.py times both."""
