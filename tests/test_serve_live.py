@@ -89,7 +89,7 @@ def get_json(url: str) -> dict:
 
 
 def test_eight_clients_stream_at_once_each_with_its_own_seeds_text(client, runs_dir):
-    bodies = [{"run": TRAINED, "prompt": "To", "max_new_tokens": 500, "temperature": 1.0,
+    bodies = [{"run": TRAINED, "prompt": "To", "max_new_tokens": 200, "temperature": 1.0,
                "seed": seed} for seed in range(8)]
     alone = [generated_text(generate(client, **{k: v for k, v in body.items() if k != "run"}))
              for body in bodies]
@@ -106,6 +106,7 @@ def test_eight_clients_stream_at_once_each_with_its_own_seeds_text(client, runs_
             most_at_once = max(most_at_once, get_json(f"{url}/health")["active_generations"])
             with urllib.request.urlopen(f"{url}/", timeout=30) as page:
                 assert page.status == 200
+            threads[-1].join(0.05)  # asked now and then, not in a loop that takes a core
         for thread in threads:
             thread.join()
     assert [results.get(i) for i in range(8)] == alone
