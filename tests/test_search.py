@@ -114,8 +114,8 @@ def test_a_search_runs_trials_reports_the_best_and_continues(workdir):
 def start_long_trial(workdir: Path, study: str) -> tuple[list[str], subprocess.Popen]:
     """A one-trial search whose trial runs for seconds; returns its flags and process once the
     trial has written its first checkpoint."""
-    fixed = ["--study", study, "--trials", "1", *TINY_TRIAL, "--max-iters", "1500",
-             "--eval-interval", "1500", "--checkpoint-interval", "20"]
+    fixed = ["--study", study, "--trials", "1", *TINY_TRIAL, "--max-iters", "600",
+             "--eval-interval", "600", "--checkpoint-interval", "20"]
     search_process = start_search(workdir, *fixed)
     wait_for(lambda: list(workdir.glob(f"runs/*_{study}-t0/artifacts/checkpoints/last.*")),
              "the trial's first checkpoint", search_process)
@@ -133,7 +133,7 @@ def test_ctrl_c_stops_the_trial_like_train_py_and_the_same_command_resumes_it(wo
                      r"search\.py --space space\.yaml --study c ", err)
     (run,) = workdir.glob("runs/*_c-t0")
     stopped = json.loads((run / "meta" / "results.json").read_text())
-    assert stopped["end_reason"] == "stopped by SIGINT" and stopped["steps"] < 1500
+    assert stopped["end_reason"] == "stopped by SIGINT" and stopped["steps"] < 600
     (trial,) = load(workdir, "c").trials
     assert ended_as(trial) == "interrupted" and trial.user_attrs["run"] == str(run.relative_to(
         workdir))
@@ -144,7 +144,7 @@ def test_ctrl_c_stops_the_trial_like_train_py_and_the_same_command_resumes_it(wo
     assert f"trial 1 running: learning_rate=0.003 n_head=4, resuming runs/{run.name}" \
         in again.stderr
     finished = json.loads((run / "meta" / "results.json").read_text())
-    assert finished["steps"] == 1500 and finished["end_reason"] == "finished 1500 steps"
+    assert finished["steps"] == 600 and finished["end_reason"] == "finished 600 steps"
     assert (run / "meta" / f"resumed_at_step_{stopped['steps']}").is_dir()
     trials = load(workdir, "c").trials
     assert [ended_as(t) for t in trials] == ["interrupted", "complete"]
@@ -165,7 +165,7 @@ def test_a_killed_search_stops_its_trial_and_the_next_search_resumes_it(workdir)
     assert again.returncode == 0, again.stderr
     assert "trial 0 was left running by a search that is gone: it runs again" in again.stderr
     assert f"resuming runs/{run.name}" in again.stderr
-    assert json.loads((run / "meta" / "results.json").read_text())["steps"] == 1500
+    assert json.loads((run / "meta" / "results.json").read_text())["steps"] == 600
     assert [ended_as(t) for t in load(workdir, "k").trials] == ["lost", "complete"]
 
 
