@@ -5,6 +5,7 @@ refusals before any run folder exists."""
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -35,8 +36,8 @@ def wandb_records(path: Path) -> list:
             position += left_in_block
             continue
         _, length, kind = struct.unpack("<IHB", data[position:position + PIECE_HEADER])
-        if kind == 0:  # zeros: the end of what was written
-            break
+        if kind == 0 or position + PIECE_HEADER + length > len(data):
+            break  # the end of what was written so far
         pending += data[position + PIECE_HEADER:position + PIECE_HEADER + length]
         position += PIECE_HEADER + length
         if kind in (1, 4):
@@ -45,6 +46,18 @@ def wandb_records(path: Path) -> list:
             records.append(record)
             pending = b""
     return records
+
+
+def finished_records(offline_run: Path) -> list:
+    """The records of an offline run's .wandb file once it holds the run's exit record: W&B's
+    service process may still be writing the file's end after run.finish() has returned."""
+    deadline = time.monotonic() + 60
+    while True:
+        records = wandb_records(next(offline_run.glob("*.wandb")))
+        if any(record.WhichOneof("record_type") == "exit" for record in records):
+            return records
+        assert time.monotonic() < deadline, f"no exit record in {offline_run} after 60 s"
+        time.sleep(0.1)
 
 
 def history(records: list) -> dict[int, dict[str, str]]:
@@ -71,7 +84,7 @@ def test_an_offline_run_holds_the_losses_and_a_resume_continues_it(tmp_path, cap
     out = capsys.readouterr().out
     (first,) = offline_runs(run_dir)
     assert f"upload it with: wandb sync {first}" in out
-    records = wandb_records(next(first.glob("*.wandb")))
+    records = finished_records(first)
     (run_record,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run_record.run_id == run_dir.name and run_record.project == "chargpt"
     steps = history(records)
@@ -87,7 +100,7 @@ def test_an_offline_run_holds_the_losses_and_a_resume_continues_it(tmp_path, cap
     capsys.readouterr()
     resumed = [p for p in offline_runs(run_dir) if p != first]
     assert len(resumed) == 1
-    records = wandb_records(next(resumed[0].glob("*.wandb")))
+    records = finished_records(resumed[0])
     (run_record,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run_record.run_id == run_dir.name  # the same W&B run, continued
     steps = history(records)
