@@ -40,6 +40,16 @@ def search_cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return run_script("search.py", "--space", "space.yaml", *args, cwd=workdir)
 
 
+def search_here(workdir: Path, capsys, *args: str) -> subprocess.CompletedProcess:
+    """search.py's main in this process (its trials are train.py processes all the same):
+    what search_cli gives, without starting Python and torch once more."""
+    capsys.readouterr()
+    with contextlib.chdir(workdir):
+        code = search.main(["--space", "space.yaml", *args])
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["search.py", *args], code, captured.out, captured.err)
+
+
 def trial_lines(stdout: str) -> dict[int, str]:
     return {int(m.group(1)): m.group(2) for m in re.finditer(r"^trial (\d+): (.*)$", stdout,
                                                              re.MULTILINE)}
@@ -68,7 +78,7 @@ def wait_for(condition, what: str, process: subprocess.Popen | None = None,
         time.sleep(0.05)
 
 
-def test_a_search_runs_trials_reports_the_best_and_continues(workdir):
+def test_a_search_runs_trials_reports_the_best_and_continues(workdir, capsys):
     fixed = [*TINY_TRIAL, "--max-iters", "10", "--eval-interval", "10"]
     # sampler seed 2 picks n_head=3 for trial 1: 16 is not divisible by 3
     first = search_cli(workdir, "--study", "s", "--trials", "3", "--sampler-seed", "2", *fixed)
@@ -100,12 +110,13 @@ def test_a_search_runs_trials_reports_the_best_and_continues(workdir):
                                     cwd=workdir)
     assert status == 200 and '"study_name": "s"' in studies
 
-    more = search_cli(workdir, "--study", "s", "--trials", "4", *fixed)
+    more = search_here(workdir, capsys, "--study", "s", "--trials", "4", *fixed)
     assert more.returncode == 0, more.stderr
     assert sorted(trial_lines(more.stdout)) == [3]
     assert len(load(workdir, "s").trials) == 4
 
-    changed = search_cli(workdir, "--study", "s", "--trials", "5", *fixed, "--dropout", "0.1")
+    changed = search_here(workdir, capsys, "--study", "s", "--trials", "5", *fixed, "--dropout",
+                          "0.1")
     assert changed.returncode == 2
     assert changed.stderr.startswith("error: study s was started with other fixed flags")
     assert len(load(workdir, "s").trials) == 4
@@ -186,11 +197,11 @@ def test_trials_caps_the_study_over_every_process_that_shares_it(workdir):
     assert all(ended_as(t) == "beyond the cap" for t in study.trials if t not in counted)
 
 
-def test_a_search_where_no_trial_finishes_ends_with_one_line(workdir):
+def test_a_search_where_no_trial_finishes_ends_with_one_line(workdir, capsys):
     (workdir / "space.yaml").write_text("learning_rate: {low: 0.001, high: 0.01}\n")
     # the config is valid; train.py itself refuses more threads than the machine has cores
-    result = search_cli(workdir, "--study", "f", "--trials", "1", *TINY_TRIAL, "--max-iters",
-                        "10", "--num-threads", str(os.cpu_count() + 1))
+    result = search_here(workdir, capsys, "--study", "f", "--trials", "1", *TINY_TRIAL,
+                         "--max-iters", "10", "--num-threads", str(os.cpu_count() + 1))
     assert result.returncode == 1
     assert re.search(r"^trial 0: learning_rate=0\.003: failed: num_threads=\d+ but this "
                      r"machine has", result.stdout, re.MULTILINE)
