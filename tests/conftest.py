@@ -219,3 +219,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # a stable sort
+
+
+# serve.py's tests (tests/test_serve.py, tests/test_serve_live.py): one runs folder per file,
+# built by tests/serving_runs.py, which imports the server only for them
+
+@pytest.fixture(scope="module")
+def served_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.serving_runs import build_runs
+
+    return build_runs(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def api_client(served_runs: Path):
+    """serve.py's app over served_runs, in process (FastAPI's TestClient)."""
+    from tests.serving_runs import app_client
+
+    with app_client(served_runs) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def inference_decodes_with_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.serving_runs import decode_with_f_linear
+
+    decode_with_f_linear(monkeypatch)

@@ -6,48 +6,30 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
 from model import LanguageModel, ModelConfig
 from tests.conftest import PROJECT_ROOT
 from tests.serving_runs import (
     CORPUS,
     TRAINED,
-    app_client,
-    build_runs,
     cli_text,
-    decode_with_f_linear,
     generate,
     generated_text,
 )
 from utils.serving import ModelCache, RunCatalog
 
-
-@pytest.fixture(scope="module")
-def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_runs(tmp_path_factory.mktemp("serve"))
-
-
-@pytest.fixture(scope="module")
-def client(runs_dir: Path) -> Iterator[TestClient]:
-    with app_client(runs_dir) as test_client:
-        yield test_client
-
-
-@pytest.fixture(autouse=True)
-def inference_decodes_with_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
-    decode_with_f_linear(monkeypatch)
+# the runs folder (served_runs) and the app over it (api_client) are tests/conftest.py's, built once
+# for this file
+pytestmark = pytest.mark.usefixtures("inference_decodes_with_f_linear")
 
 
 # --- the API ---------------------------------------------------------------------------------
 
-def test_runs_lists_each_run_with_its_results_and_checkpoints(client):
-    answer = client.get("/api/runs").json()
+def test_runs_lists_each_run_with_its_results_and_checkpoints(api_client):
+    answer = api_client.get("/api/runs").json()
     assert answer["default"] == TRAINED
     by_id = {run["id"]: run for run in answer["runs"]}
     assert list(by_id)[1] == TRAINED  # newest first
@@ -71,8 +53,9 @@ def test_runs_lists_each_run_with_its_results_and_checkpoints(client):
      "--repetition-penalty", "1.2", "--seed", "4"],
     ["--temperature", "0.8", "--seed", "2", "--stop", "be"],
 ], ids=["greedy", "seeded", "every-setting", "stop-string"])
-def test_generation_gives_the_characters_inference_py_gives(client, runs_dir, capsys, sampling):
-    code, out, _ = cli_text(runs_dir, capsys, "--run", str(runs_dir / TRAINED), "--prompt",
+def test_generation_gives_the_characters_inference_py_gives(api_client, served_runs, capsys,
+                                                             sampling):
+    code, out, _ = cli_text(served_runs, capsys, "--run", str(served_runs / TRAINED), "--prompt",
                             "HAMLET.\n", "--max-new-tokens", "60", *sampling)
     assert code == 0
     flags = dict(zip(sampling[::2], sampling[1::2], strict=True))
@@ -85,7 +68,7 @@ def test_generation_gives_the_characters_inference_py_gives(client, runs_dir, ca
             body[key] = kind(flags[flag])
     if "--stop" in flags:
         body["stop"] = [flags["--stop"]]
-    events = generate(client, **body)
+    events = generate(api_client, **body)
     # inference.py prints the prompt, the sample and one newline
     assert "HAMLET.\n" + generated_text(events) == out.removesuffix("\n")
     assert events[0]["type"] == "start" and events[-1]["type"] == "end"
@@ -93,12 +76,12 @@ def test_generation_gives_the_characters_inference_py_gives(client, runs_dir, ca
         assert events[0]["seed"] == events[-1]["seed"] == int(flags["--seed"])
 
 
-def test_each_character_carries_the_models_odds_before_and_after_sampling(client, runs_dir):
-    events = generate(client, prompt="To be", max_new_tokens=12, temperature=0.7, top_k=3,
+def test_each_character_carries_the_models_odds_before_and_after_sampling(api_client, served_runs):
+    events = generate(api_client, prompt="To be", max_new_tokens=12, temperature=0.7, top_k=3,
                       seed=5)
     chars = [e for e in events if e["type"] == "char"]
     assert len(chars) == 12 and events[-1]["new_tokens"] == 12
-    loaded = ModelCache(RunCatalog(runs_dir), torch.device("cpu")).get(TRAINED)
+    loaded = ModelCache(RunCatalog(served_runs), torch.device("cpu")).get(TRAINED)
     ids = torch.tensor([loaded.tokenizer.encode("To be" + chars[0]["text"])])
     with torch.no_grad():
         logits, _ = loaded.model(ids[:, :-1])
@@ -112,26 +95,26 @@ def test_each_character_carries_the_models_odds_before_and_after_sampling(client
         assert char["text"] in [c for c, _ in char["top_drawn"]]
         assert sum(p for _, p in char["top_drawn"]) == pytest.approx(1.0, abs=1e-4)
         assert [p for _, p in char["top"]] == sorted((p for _, p in char["top"]), reverse=True)
-    greedy = [e for e in generate(client, prompt="To", max_new_tokens=5, temperature=0)
+    greedy = [e for e in generate(api_client, prompt="To", max_new_tokens=5, temperature=0)
               if e["type"] == "char"]
     assert all(c["p_drawn"] == 1.0 and c["top_drawn"] == [[c["text"], 1.0]] for c in greedy)
 
 
-def test_a_checkpoint_generates_what_inference_py_loads_from_it(client, runs_dir, capsys):
-    code, out, _ = cli_text(runs_dir, capsys, "--run", str(runs_dir / TRAINED),
+def test_a_checkpoint_generates_what_inference_py_loads_from_it(api_client, served_runs, capsys):
+    code, out, _ = cli_text(served_runs, capsys, "--run", str(served_runs / TRAINED),
                             "--checkpoint", "step_2", "--prompt", "To", "--max-new-tokens",
                             "30", "--temperature", "0")
     assert code == 0
-    events = generate(client, checkpoint="step_2", prompt="To", max_new_tokens=30,
+    events = generate(api_client, checkpoint="step_2", prompt="To", max_new_tokens=30,
                       temperature=0)
     assert "To" + generated_text(events) == out.removesuffix("\n")
     assert events[0]["checkpoint"] == "step_2"
 
 
-def test_score_is_the_models_own_loss_on_the_text(client, runs_dir):
+def test_score_is_the_models_own_loss_on_the_text(api_client, served_runs):
     text = "HAMLET.\nTo be, or"  # a context and one: one window
-    answer = client.post("/api/score", json={"run": TRAINED, "text": text}).json()
-    loaded = ModelCache(RunCatalog(runs_dir), torch.device("cpu")).get(TRAINED)
+    answer = api_client.post("/api/score", json={"run": TRAINED, "text": text}).json()
+    loaded = ModelCache(RunCatalog(served_runs), torch.device("cpu")).get(TRAINED)
     ids = torch.tensor([loaded.tokenizer.encode(text)])
     with torch.no_grad():
         _, loss = loaded.model(ids[:, :-1], ids[:, 1:])
@@ -144,29 +127,29 @@ def test_score_is_the_models_own_loss_on_the_text(client, runs_dir):
     assert sum(bits) / len(bits) == pytest.approx(answer["bits_per_character"], abs=1e-3)
 
 
-def test_a_text_longer_than_the_context_is_scored_character_by_character(client):
+def test_a_text_longer_than_the_context_is_scored_character_by_character(api_client):
     text = CORPUS[:300]  # many windows of 16
-    answer = client.post("/api/score", json={"run": TRAINED, "text": text}).json()
+    answer = api_client.post("/api/score", json={"run": TRAINED, "text": text}).json()
     assert answer["scored"] == 299 and len(answer["chars"]) == 300
     assert all(c["bits"] >= 0 and len(c["top"]) == 5 for c in answer["chars"][1:])
     # a character's surprise does not depend on text after it
-    shorter = client.post("/api/score", json={"run": TRAINED, "text": text[:40]}).json()
+    shorter = api_client.post("/api/score", json={"run": TRAINED, "text": text[:40]}).json()
     assert [c["bits"] for c in shorter["chars"][:24]] == \
         [c["bits"] for c in answer["chars"][:24]]
 
 
-def test_health_names_the_models_loaded(client):
-    client.post("/api/score", json={"run": TRAINED, "text": "To be"})
-    health = client.get("/health").json()
+def test_health_names_the_models_loaded(api_client):
+    api_client.post("/api/score", json={"run": TRAINED, "text": "To be"})
+    health = api_client.get("/health").json()
     assert health["status"] == "ok" and f"{TRAINED}:export" in health["loaded"]
     assert health["active_generations"] == 0
 
 
-def test_the_page_and_its_files_are_served_from_the_project(client):
-    page = client.get("/")
+def test_the_page_and_its_files_are_served_from_the_project(api_client):
+    page = api_client.get("/")
     assert page.status_code == 200 and "/static/app.js" in page.text
     for name in ("app.js", "style.css"):
-        assert client.get(f"/static/{name}").status_code == 200
+        assert api_client.get(f"/static/{name}").status_code == 200
     # nothing is fetched from elsewhere: the page works offline
     for name in ("index.html", "app.js", "style.css"):
         assert "http" not in (PROJECT_ROOT / "static" / name).read_text(encoding="utf-8")
@@ -191,16 +174,16 @@ CLI_REFUSALS = [  # (request fields, the same request's inference.py flags)
 
 @pytest.mark.parametrize("fields,flags", CLI_REFUSALS,
                          ids=[next(iter(fields)) for fields, _ in CLI_REFUSALS])
-def test_a_bad_generation_request_gets_the_command_lines_words(client, runs_dir, capsys,
+def test_a_bad_generation_request_gets_the_command_lines_words(api_client, served_runs, capsys,
                                                                 fields, flags):
-    response = client.post("/api/generate", json={"run": TRAINED, "prompt": "To", **fields})
+    response = api_client.post("/api/generate", json={"run": TRAINED, "prompt": "To", **fields})
     assert response.status_code == 400
     error = response.json()["error"]
     assert "\n" not in error and "Traceback" not in error
     if fields == {"prompt": ""}:
         assert error == "the prompt is empty; pass --prompt TEXT with at least one character"
         return
-    code, _, err = cli_text(runs_dir, capsys, "--run", str(runs_dir / TRAINED), "--prompt",
+    code, _, err = cli_text(served_runs, capsys, "--run", str(served_runs / TRAINED), "--prompt",
                             "To", *flags)
     assert code == 2
     cli_error = err.strip().splitlines()[-1].removeprefix("error: ")
@@ -226,18 +209,18 @@ def test_a_bad_generation_request_gets_the_command_lines_words(client, runs_dir,
     ({"run": 5}, 422, "argument --run: expected text"),
 ], ids=["unknown-run", "dotdot", "absolute", "checkpoint-path", "over-limit", "not-a-number",
         "not-an-integer", "stop-not-a-list", "misspelt-field", "run-not-text"])
-def test_a_bad_request_is_a_4xx_with_one_line(client, body, status, words):
-    response = client.post("/api/generate", json=body)
+def test_a_bad_request_is_a_4xx_with_one_line(api_client, body, status, words):
+    response = api_client.post("/api/generate", json=body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert words in error and "\n" not in error
 
 
-def test_non_finite_values_and_broken_json_are_refused(client):
-    response = client.post("/api/generate", content=b'{"run": "%s", "temperature": NaN}'
+def test_non_finite_values_and_broken_json_are_refused(api_client):
+    response = api_client.post("/api/generate", content=b'{"run": "%s", "temperature": NaN}'
                            % TRAINED.encode(), headers={"Content-Type": "application/json"})
     assert response.status_code in (400, 422) and "temperature" in response.json()["error"]
-    broken = client.post("/api/generate", content=b'{"run": ',
+    broken = api_client.post("/api/generate", content=b'{"run": ',
                          headers={"Content-Type": "application/json"})
     assert broken.status_code == 422
     assert broken.json()["error"].startswith("the request body is not valid JSON")
@@ -248,21 +231,21 @@ def test_non_finite_values_and_broken_json_are_refused(client):
     ("T", "at least two characters"),
     ("To be ¿", "the text has"),
 ])
-def test_a_bad_score_request_is_a_4xx_with_one_line(client, text, words):
-    response = client.post("/api/score", json={"run": TRAINED, "text": text})
+def test_a_bad_score_request_is_a_4xx_with_one_line(api_client, text, words):
+    response = api_client.post("/api/score", json={"run": TRAINED, "text": text})
     assert response.status_code == 400 and words in response.json()["error"]
 
 
-def test_a_symlink_out_of_the_runs_folder_is_refused(client, runs_dir, tmp_path):
+def test_a_symlink_out_of_the_runs_folder_is_refused(api_client, served_runs, tmp_path):
     outside = tmp_path / "elsewhere"
-    shutil.copytree(runs_dir / TRAINED, outside)
-    link = runs_dir / "20261202_000000_link"
+    shutil.copytree(served_runs / TRAINED, outside)
+    link = served_runs / "20261202_000000_link"
     link.symlink_to(outside, target_is_directory=True)
     try:
-        response = client.post("/api/score", json={"run": link.name, "text": "To be"})
+        response = api_client.post("/api/score", json={"run": link.name, "text": "To be"})
         assert response.status_code == 400
         assert "leads out of" in response.json()["error"]
-        assert link.name not in [run["id"] for run in client.get("/api/runs").json()["runs"]]
+        assert link.name not in [run["id"] for run in api_client.get("/api/runs").json()["runs"]]
     finally:
         link.unlink()
 
@@ -274,67 +257,69 @@ def test_a_symlink_out_of_the_runs_folder_is_refused(client, runs_dir, tmp_path)
     ({"run": TRAINED, "stop": ["a"] * 17}, "at most 16 stop strings"),
     ({"run": TRAINED, "prompt": "T" * 401}, "the prompt is 401 characters"),
 ])
-def test_what_would_cost_the_server_too_much_is_refused(client, body, words):
-    response = client.post("/api/generate", json=body)
+def test_what_would_cost_the_server_too_much_is_refused(api_client, body, words):
+    response = api_client.post("/api/generate", json=body)
     assert response.status_code == 400 and words in response.json()["error"]
 
 
-def test_every_answer_that_is_not_json_of_a_run_is_an_error_line(client):
-    wrong_field = client.post("/api/generate", json={"run": TRAINED, "text": "To"})
+def test_every_answer_that_is_not_json_of_a_run_is_an_error_line(api_client):
+    wrong_field = api_client.post("/api/generate", json={"run": TRAINED, "text": "To"})
     assert wrong_field.status_code == 422
     assert wrong_field.json()["error"].startswith("unknown field 'text'; this endpoint takes")
-    empty = client.post("/api/score", content=b"[]", headers={"Content-Type": "application/json"})
+    empty = api_client.post("/api/score", content=b"[]",
+                            headers={"Content-Type": "application/json"})
     assert empty.json()["error"].startswith("the request body must be a JSON object")
-    assert client.post("/api/score", json={"run": TRAINED}).json()["error"] == \
+    assert api_client.post("/api/score", json={"run": TRAINED}).json()["error"] == \
         "the field 'text' is required"
-    assert client.get("/api/nothing").json() == {"error": "Not Found"}
-    assert client.get("/api/generate").status_code == 405
-    assert "error" in client.get("/api/generate").json()
+    assert api_client.get("/api/nothing").json() == {"error": "Not Found"}
+    assert api_client.get("/api/generate").status_code == 405
+    assert "error" in api_client.get("/api/generate").json()
 
 
-def test_latest_takes_the_newest_run_that_has_the_checkpoint_asked_for(client):
+def test_latest_takes_the_newest_run_that_has_the_checkpoint_asked_for(api_client):
     # the newest run has an export only: inference.py --run latest --checkpoint best takes
     # the trained one, and so does the server
-    events = generate(client, run="latest", checkpoint="best", prompt="To",
+    events = generate(api_client, run="latest", checkpoint="best", prompt="To",
                       max_new_tokens=10, temperature=0)
     assert events[0]["run"] == TRAINED
-    assert generate(client, run="latest", prompt="To", max_new_tokens=2)[0]["run"] != TRAINED
+    assert generate(api_client, run="latest", prompt="To", max_new_tokens=2)[0]["run"] != TRAINED
 
 
-def test_a_run_the_core_cannot_read_is_a_4xx(client, runs_dir):
-    broken = runs_dir / "20261203_000000_broken"
-    shutil.copytree(runs_dir / TRAINED, broken)
+def test_a_run_the_core_cannot_read_is_a_4xx(api_client, served_runs):
+    broken = served_runs / "20261203_000000_broken"
+    shutil.copytree(served_runs / TRAINED, broken)
     (broken / "artifacts" / "export" / "tokenizer.json").write_text('{"chars": 5}')
     (broken / "meta" / "results.json").write_text("[1, 2]")  # not what train.py writes
     try:
-        listed = {run["id"]: run for run in client.get("/api/runs").json()["runs"]}
+        listed = {run["id"]: run for run in api_client.get("/api/runs").json()["runs"]}
         assert listed[broken.name]["full_split_val_loss"] is None
-        response = client.post("/api/score", json={"run": broken.name, "text": "To be"})
+        response = api_client.post("/api/score", json={"run": broken.name, "text": "To be"})
         assert response.status_code == 400 and "tokenizer" in response.json()["error"]
     finally:
         shutil.rmtree(broken)
 
 
-def test_a_symlink_inside_a_run_out_of_the_runs_folder_is_refused(client, runs_dir, tmp_path):
-    run = runs_dir / "20261204_000000_inner"
-    shutil.copytree(runs_dir / TRAINED, run)
+def test_a_symlink_inside_a_run_out_of_the_runs_folder_is_refused(api_client, served_runs,
+                                                                   tmp_path):
+    run = served_runs / "20261204_000000_inner"
+    shutil.copytree(served_runs / TRAINED, run)
     shutil.move(run / "artifacts", tmp_path / "artifacts")
     (run / "artifacts").symlink_to(tmp_path / "artifacts", target_is_directory=True)
     try:
-        assert run.name not in [r["id"] for r in client.get("/api/runs").json()["runs"]]
-        response = client.post("/api/score", json={"run": run.name, "text": "To be"})
+        assert run.name not in [r["id"] for r in api_client.get("/api/runs").json()["runs"]]
+        response = api_client.post("/api/score", json={"run": run.name, "text": "To be"})
         assert response.status_code == 400 and "leads out of" in response.json()["error"]
     finally:
         shutil.rmtree(run)
 
 
-def test_the_server_writes_nothing(client, runs_dir):
+def test_the_server_writes_nothing(api_client, served_runs):
     def files() -> dict[str, tuple[int, int]]:
-        return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in runs_dir.rglob("*")}
+        return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in served_runs.rglob("*")}
 
     before = files()
-    generate(client, prompt="To", max_new_tokens=20, checkpoint="best")
-    client.post("/api/score", json={"run": TRAINED, "text": "To be"})
-    client.post("/api/generate", json={"run": "nope"})
-    client.get("/api/runs")
+    generate(api_client, prompt="To", max_new_tokens=20, checkpoint="best")
+    api_client.post("/api/score", json={"run": TRAINED, "text": "To be"})
+    api_client.post("/api/generate", json={"run": "nope"})
+    api_client.get("/api/runs")
     assert files() == before

@@ -18,44 +18,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
 import serve
 from tests.conftest import PROJECT_ROOT
 from tests.serving_runs import (
     TRAINED,
-    app_client,
-    build_runs,
     cli_text,
-    decode_with_f_linear,
     generate,
     generated_text,
 )
 
-
-@pytest.fixture(scope="module")
-def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_runs(tmp_path_factory.mktemp("serve"))
-
-
-@pytest.fixture(scope="module")
-def client(runs_dir: Path) -> Iterator[TestClient]:
-    with app_client(runs_dir) as test_client:
-        yield test_client
-
-
-@pytest.fixture(autouse=True)
-def inference_decodes_with_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
-    decode_with_f_linear(monkeypatch)
+# the runs folder (served_runs) and the app over it (api_client) are tests/conftest.py's, built once
+# for this file
+pytestmark = pytest.mark.usefixtures("inference_decodes_with_f_linear")
 
 
 # --- a real server: several clients, a client that goes away, the command line ----------------
 
-def start_server(runs_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+def start_server(served_runs: Path, *flags: str) -> tuple[subprocess.Popen, str]:
     """serve.py on any free loopback port, and its base URL once it has printed it (it
     listens from then on)."""
     process = subprocess.Popen(
-        [sys.executable, str(PROJECT_ROOT / "serve.py"), "--runs-dir", str(runs_dir), "--port",
+        [sys.executable, str(PROJECT_ROOT / "serve.py"), "--runs-dir", str(served_runs), "--port",
          "0", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     line = process.stdout.readline()
@@ -67,8 +51,8 @@ def start_server(runs_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
 
 
 @contextlib.contextmanager
-def running_server(runs_dir: Path, *flags: str) -> Iterator[str]:
-    process, url = start_server(runs_dir, *flags)
+def running_server(served_runs: Path, *flags: str) -> Iterator[str]:
+    process, url = start_server(served_runs, *flags)
     try:
         yield url
     finally:
@@ -88,13 +72,13 @@ def get_json(url: str) -> dict:
         return json.loads(response.read())
 
 
-def test_eight_clients_stream_at_once_each_with_its_own_seeds_text(client, runs_dir):
+def test_eight_clients_stream_at_once_each_with_its_own_seeds_text(api_client, served_runs):
     bodies = [{"run": TRAINED, "prompt": "To", "max_new_tokens": 200, "temperature": 1.0,
                "seed": seed} for seed in range(8)]
-    alone = [generated_text(generate(client, **{k: v for k, v in body.items() if k != "run"}))
+    alone = [generated_text(generate(api_client, **{k: v for k, v in body.items() if k != "run"}))
              for body in bodies]
     results: dict[int, str] = {}
-    with running_server(runs_dir) as url:
+    with running_server(served_runs) as url:
         threads = [threading.Thread(target=lambda i=i: results.__setitem__(
             i, generated_text(post_stream(f"{url}/api/generate", bodies[i]))))
             for i in range(8)]
@@ -114,8 +98,8 @@ def test_eight_clients_stream_at_once_each_with_its_own_seeds_text(client, runs_
     assert most_at_once >= 2
 
 
-def test_a_client_that_goes_away_ends_its_generation(runs_dir):
-    with running_server(runs_dir, "--max-new-tokens", "100000") as url:
+def test_a_client_that_goes_away_ends_its_generation(served_runs):
+    with running_server(served_runs, "--max-new-tokens", "100000") as url:
         request = urllib.request.Request(
             f"{url}/api/generate", json.dumps({"run": TRAINED, "max_new_tokens": 100000,
                                               "temperature": 1.0}).encode(), method="POST",
@@ -142,21 +126,21 @@ def refusal(capsys, *argv: str) -> str:
     return line
 
 
-def test_the_command_line_refuses_what_it_cannot_serve(runs_dir, tmp_path, capsys):
+def test_the_command_line_refuses_what_it_cannot_serve(served_runs, tmp_path, capsys):
     assert "does not exist" in refusal(capsys, "--runs-dir", str(tmp_path / "none"))
     (tmp_path / "empty").mkdir()
     assert "no runs in" in refusal(capsys, "--runs-dir", str(tmp_path / "empty"))
-    assert "no run 'nope'" in refusal(capsys, "--runs-dir", str(runs_dir), "--run", "nope")
-    assert "--port must be in" in refusal(capsys, "--runs-dir", str(runs_dir), "--port",
+    assert "no run 'nope'" in refusal(capsys, "--runs-dir", str(served_runs), "--run", "nope")
+    assert "--port must be in" in refusal(capsys, "--runs-dir", str(served_runs), "--port",
                                           "70000")
-    assert "--max-loaded must be at least 1" in refusal(capsys, "--runs-dir", str(runs_dir),
+    assert "--max-loaded must be at least 1" in refusal(capsys, "--runs-dir", str(served_runs),
                                                         "--max-loaded", "0")
-    assert "--num-threads must be in [1, " in refusal(capsys, "--runs-dir", str(runs_dir),
+    assert "--num-threads must be in [1, " in refusal(capsys, "--runs-dir", str(served_runs),
                                                       "--num-threads", "999")
-    assert "is not an address" in refusal(capsys, "--runs-dir", str(runs_dir), "--host",
+    assert "is not an address" in refusal(capsys, "--runs-dir", str(served_runs), "--host",
                                           "no.such.host.invalid")
     with socket_in_use() as port:
-        line = refusal(capsys, "--runs-dir", str(runs_dir), "--port", str(port))
+        line = refusal(capsys, "--runs-dir", str(served_runs), "--port", str(port))
         assert f"port {port} is in use" in line
 
 
@@ -169,20 +153,20 @@ def socket_in_use() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-def test_a_run_folder_path_is_taken_like_inference_py_takes_it(runs_dir):
-    with running_server(runs_dir, "--run", str(runs_dir / TRAINED)) as url:
+def test_a_run_folder_path_is_taken_like_inference_py_takes_it(served_runs):
+    with running_server(served_runs, "--run", str(served_runs / TRAINED)) as url:
         assert get_json(f"{url}/api/runs")["default"] == TRAINED
 
 
-def test_listening_beyond_loopback_warns(runs_dir):
-    process, _ = start_server(runs_dir, "--host", "0.0.0.0")
+def test_listening_beyond_loopback_warns(served_runs):
+    process, _ = start_server(served_runs, "--host", "0.0.0.0")
     os.killpg(process.pid, signal.SIGTERM)
     _, err = process.communicate(timeout=30)
     assert "anyone who can reach this machine can use the page" in err
 
 
-def test_ctrl_c_stops_the_server_while_a_client_streams(runs_dir):
-    process, url = start_server(runs_dir, "--max-new-tokens", "100000")
+def test_ctrl_c_stops_the_server_while_a_client_streams(served_runs):
+    process, url = start_server(served_runs, "--max-new-tokens", "100000")
     request = urllib.request.Request(
         f"{url}/api/generate", json.dumps({"run": TRAINED, "max_new_tokens": 100000}).encode(),
         method="POST", headers={"Content-Type": "application/json"})
@@ -195,8 +179,8 @@ def test_ctrl_c_stops_the_server_while_a_client_streams(runs_dir):
     assert err.strip().endswith("stopped")
 
 
-def test_ctrl_c_twice_ends_the_server_at_once_without_a_traceback(runs_dir):
-    process, url = start_server(runs_dir)
+def test_ctrl_c_twice_ends_the_server_at_once_without_a_traceback(served_runs):
+    process, url = start_server(served_runs)
     get_json(f"{url}/health")
     process.send_signal(signal.SIGINT)
     process.send_signal(signal.SIGINT)
@@ -243,11 +227,11 @@ def run_on_page(page, fields: dict[str, str]) -> None:
 
 
 def test_the_page_generates_the_clis_text_and_shows_each_characters_candidates(
-        browser, runs_dir, capsys):
-    code, out, _ = cli_text(runs_dir, capsys, "--run", str(runs_dir / TRAINED), "--prompt",
+        browser, served_runs, capsys):
+    code, out, _ = cli_text(served_runs, capsys, "--run", str(served_runs / TRAINED), "--prompt",
                             "HAMLET.", "--max-new-tokens", "80", "--temperature", "0")
     assert code == 0
-    with running_server(runs_dir) as url:
+    with running_server(served_runs) as url:
         page = opened_page(browser, url)
         page.select_option("#run", TRAINED)
         page.select_option("#checkpoint", "export")
@@ -271,16 +255,16 @@ def test_the_page_generates_the_clis_text_and_shows_each_characters_candidates(
         page.close()
 
 
-def test_the_page_compares_two_runs_on_one_prompt_and_seed(browser, runs_dir, capsys):
-    random_run = next(p.name for p in runs_dir.iterdir() if p.name != TRAINED)
+def test_the_page_compares_two_runs_on_one_prompt_and_seed(browser, served_runs, capsys):
+    random_run = next(p.name for p in served_runs.iterdir() if p.name != TRAINED)
     texts = []
     for run in (TRAINED, random_run):
-        code, out, _ = cli_text(runs_dir, capsys, "--run", str(runs_dir / run), "--prompt",
+        code, out, _ = cli_text(served_runs, capsys, "--run", str(served_runs / run), "--prompt",
                                 "To", "--max-new-tokens", "40", "--temperature", "1.0",
                                 "--seed", "9")
         assert code == 0
         texts.append(out.removesuffix("\n"))
-    with running_server(runs_dir) as url:
+    with running_server(served_runs) as url:
         page = opened_page(browser, url)
         page.click("nav button[data-mode=compare]")
         page.select_option("#run", TRAINED)
