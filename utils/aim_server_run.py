@@ -18,6 +18,7 @@ The child runs this module (python -m utils.aim_server_run).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -204,17 +205,13 @@ class AimServerRun:
     def _send(self) -> None:
         pipe = self.process.stdin
         assert pipe is not None
-        try:
+        # an OSError here means the child was ended: nothing more can reach it
+        with contextlib.suppress(OSError):
             while (call := self.calls.get()) is not None:
                 pickle.dump(call, pipe)
                 pipe.flush()
-        except OSError:
-            pass  # the child was ended
-        finally:
-            try:
-                pipe.close()
-            except OSError:
-                pass
+        with contextlib.suppress(OSError):
+            pipe.close()
 
     def _watch(self) -> None:
         unanswered = 0

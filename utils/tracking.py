@@ -339,9 +339,7 @@ class AimBackend:
 class LocalAimRun:
     """An Aim run in a local repo, with AimServerRun's calls."""
 
-    def __init__(self, run: Any) -> None:
-        import aim
-
+    def __init__(self, aim: Any, run: Any) -> None:
         self.aim, self.aim_run, self.hash = aim, run, run.hash
 
     @classmethod
@@ -352,10 +350,10 @@ class LocalAimRun:
         # the same as `aim init` on first use; later runs share the repo
         repo = aim.Repo.from_path(repo_path, init=not aim.Repo.exists(repo_path))
         if saved_hash:
-            return cls(aim.Run(saved_hash, repo=repo, force_resume=True))
+            return cls(aim, aim.Run(saved_hash, repo=repo, force_resume=True))
         run = aim.Run(repo=repo)
         run.name = name
-        return cls(run)
+        return cls(aim, run)
 
     def set(self, key: str, value: Any) -> None:
         self.aim_run[key] = value
