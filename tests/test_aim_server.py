@@ -5,6 +5,7 @@ before any run folder exists."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -25,13 +26,14 @@ from tests.conftest import BIN, find_aim_run, free_port
 from tests.test_tracking import TINY, steps_and_values
 
 
-@pytest.fixture
-def aim_server(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen]]:
+@contextlib.contextmanager
+def running_aim_server(folder: Path) -> Iterator[tuple[str, Path, subprocess.Popen]]:
     """A running `aim server` on loopback: (its aim:// address, its repo folder, its process)."""
-    repo = tmp_path / "server_repo"
+    import aim
+
+    repo = folder / "server_repo"
     repo.mkdir()
-    subprocess.run([str(BIN / "aim"), "init", "--repo", str(repo), "--skip-if-exists"],
-                   check=True, capture_output=True)
+    aim.Repo.from_path(str(repo), init=True).close()  # `aim init`, without starting Python
     port = free_port()
     # its own process group: the server answers through a uvicorn child, which must go too
     server = subprocess.Popen([str(BIN / "aim"), "server", "--repo", str(repo), "--host",
@@ -41,7 +43,21 @@ def aim_server(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen]]:
         wait_until_answering(port, server)
         yield f"aim://127.0.0.1:{port}", repo, server
     finally:
-        stop(server, signal.SIGINT)
+        stop(server, signal.SIGKILL)  # its repo is the test's to throw away
+
+
+@pytest.fixture
+def aim_server(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen]]:
+    """A server of the test's own, which it may stop."""
+    with running_aim_server(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def shared_aim_server(tmp_path_factory) -> Iterator[tuple[str, Path, subprocess.Popen]]:
+    """One server for the tests that leave it running: starting one takes seconds."""
+    with running_aim_server(tmp_path_factory.mktemp("aim_server")) as server:
+        yield server
 
 
 def wait_until_answering(port: int, server: subprocess.Popen, timeout: float = 60) -> None:
@@ -148,8 +164,8 @@ def test_a_server_that_goes_away_mid_run_never_stops_training(aim_server, tmp_pa
 
 
 def test_an_aim_client_that_ends_mid_run_is_said_once_and_training_goes_on(
-        aim_server, tmp_path, capsys, monkeypatch):
-    address, _, _ = aim_server
+        shared_aim_server, tmp_path, capsys, monkeypatch):
+    address, _, _ = shared_aim_server
     real_step = train.optimizer_step
     calls = {"n": 0}
 
@@ -172,9 +188,9 @@ def test_an_aim_client_that_ends_mid_run_is_said_once_and_training_goes_on(
 
 
 def test_an_aim_run_that_cannot_be_opened_is_said_once_and_training_goes_on(
-        aim_server, tmp_path, capsys):
+        shared_aim_server, tmp_path, capsys):
     """A resume whose Aim run is not on the server (its repo was replaced, say)."""
-    address, _, _ = aim_server
+    address, _, _ = shared_aim_server
     runs = tmp_path / "runs"
     assert train.main([*TINY, "--checkpoint-interval", "20", "--runs-dir", str(runs)]) == 0
     (run_dir,) = runs.iterdir()

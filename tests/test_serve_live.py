@@ -60,6 +60,16 @@ def running_server(served_runs: Path, *flags: str) -> Iterator[str]:
         process.wait(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def server_url(served_runs: Path) -> Iterator[str]:
+    """One server for the tests that leave it running (starting one takes seconds): the
+    trained run named by its folder, as inference.py takes it, and room for a generation
+    that only its client's going away ends."""
+    with running_server(served_runs, "--run", str(served_runs / TRAINED),
+                        "--max-new-tokens", "100000") as url:
+        yield url
+
+
 def post_stream(url: str, body: dict) -> list[dict]:
     request = urllib.request.Request(url, json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
@@ -72,47 +82,45 @@ def get_json(url: str) -> dict:
         return json.loads(response.read())
 
 
-def test_eight_clients_stream_at_once_each_with_its_own_seeds_text(api_client, served_runs):
+def test_eight_clients_stream_at_once_each_with_its_own_seeds_text(api_client, server_url):
     bodies = [{"run": TRAINED, "prompt": "To", "max_new_tokens": 200, "temperature": 1.0,
                "seed": seed} for seed in range(8)]
     alone = [generated_text(generate(api_client, **{k: v for k, v in body.items() if k != "run"}))
              for body in bodies]
     results: dict[int, str] = {}
-    with running_server(served_runs) as url:
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(
-            i, generated_text(post_stream(f"{url}/api/generate", bodies[i]))))
-            for i in range(8)]
-        for thread in threads:
-            thread.start()
-        # while they stream, the page and the API answer, and the streams run side by side
-        most_at_once = 0
-        while any(thread.is_alive() for thread in threads):
-            most_at_once = max(most_at_once, get_json(f"{url}/health")["active_generations"])
-            with urllib.request.urlopen(f"{url}/", timeout=30) as page:
-                assert page.status == 200
-            threads[-1].join(0.05)  # asked now and then, not in a loop that takes a core
-        for thread in threads:
-            thread.join()
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+        i, generated_text(post_stream(f"{server_url}/api/generate", bodies[i]))))
+        for i in range(8)]
+    for thread in threads:
+        thread.start()
+    # while they stream, the page and the API answer, and the streams run side by side
+    most_at_once = 0
+    while any(thread.is_alive() for thread in threads):
+        most_at_once = max(most_at_once, get_json(f"{server_url}/health")["active_generations"])
+        with urllib.request.urlopen(f"{server_url}/", timeout=30) as page:
+            assert page.status == 200
+        threads[-1].join(0.05)  # asked now and then, not in a loop that takes a core
+    for thread in threads:
+        thread.join()
     assert [results.get(i) for i in range(8)] == alone
     assert len(set(alone)) == 8
     assert most_at_once >= 2
 
 
-def test_a_client_that_goes_away_ends_its_generation(served_runs):
-    with running_server(served_runs, "--max-new-tokens", "100000") as url:
-        request = urllib.request.Request(
-            f"{url}/api/generate", json.dumps({"run": TRAINED, "max_new_tokens": 100000,
-                                              "temperature": 1.0}).encode(), method="POST",
-            headers={"Content-Type": "application/json"})
-        response = urllib.request.urlopen(request, timeout=60)
-        response.readline()
-        response.readline()  # a character has been sent: the generation is under way
-        assert get_json(f"{url}/health")["active_generations"] == 1
-        response.close()  # what the page's Stop does: the connection goes
-        deadline = time.monotonic() + 60
-        while get_json(f"{url}/health")["active_generations"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert get_json(f"{url}/health")["active_generations"] == 0
+def test_a_client_that_goes_away_ends_its_generation(server_url):
+    body = {"run": TRAINED, "max_new_tokens": 100000, "temperature": 1.0}
+    request = urllib.request.Request(f"{server_url}/api/generate", json.dumps(body).encode(),
+                                     method="POST", headers={"Content-Type": "application/json"})
+    response = urllib.request.urlopen(request, timeout=60)
+    response.readline()
+    response.readline()  # a character has been sent: the generation is under way
+    assert get_json(f"{server_url}/health")["active_generations"] == 1
+    response.close()  # what the page's Stop does: the connection goes
+    deadline = time.monotonic() + 60
+    while get_json(f"{server_url}/health")["active_generations"]:
+        assert time.monotonic() < deadline, "the generation went on without its client"
+        time.sleep(0.05)
+    assert get_json(f"{server_url}/health")["active_generations"] == 0
 
 
 def refusal(capsys, *argv: str) -> str:
@@ -153,9 +161,8 @@ def socket_in_use() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-def test_a_run_folder_path_is_taken_like_inference_py_takes_it(served_runs):
-    with running_server(served_runs, "--run", str(served_runs / TRAINED)) as url:
-        assert get_json(f"{url}/api/runs")["default"] == TRAINED
+def test_a_run_folder_path_is_taken_like_inference_py_takes_it(server_url):
+    assert get_json(f"{server_url}/api/runs")["default"] == TRAINED
 
 
 def test_listening_beyond_loopback_warns(served_runs):
@@ -227,35 +234,35 @@ def run_on_page(page, fields: dict[str, str]) -> None:
 
 
 def test_the_page_generates_the_clis_text_and_shows_each_characters_candidates(
-        browser, served_runs, capsys):
+        browser, served_runs, server_url, capsys):
     code, out, _ = cli_text(served_runs, capsys, "--run", str(served_runs / TRAINED), "--prompt",
                             "HAMLET.", "--max-new-tokens", "80", "--temperature", "0")
     assert code == 0
-    with running_server(served_runs) as url:
-        page = opened_page(browser, url)
-        page.select_option("#run", TRAINED)
-        page.select_option("#checkpoint", "export")
-        run_on_page(page, {"#prompt": "HAMLET.", "#temperature": "0", "#max_new_tokens": "80"})
-        assert page.text_content("#output-a") == out.removesuffix("\n")
-        assert page.locator("#output-a span.c").count() == 80
-        page.hover("#output-a span.c >> nth=3")
-        tooltip = page.locator("#tooltip")
-        assert tooltip.is_visible()
-        assert "the model" in tooltip.text_content()
-        assert tooltip.locator("table").first.locator("tr").count() == 10
+    page = opened_page(browser, server_url)
+    page.select_option("#run", TRAINED)
+    page.select_option("#checkpoint", "export")
+    run_on_page(page, {"#prompt": "HAMLET.", "#temperature": "0", "#max_new_tokens": "80"})
+    assert page.text_content("#output-a") == out.removesuffix("\n")
+    assert page.locator("#output-a span.c").count() == 80
+    page.hover("#output-a span.c >> nth=3")
+    tooltip = page.locator("#tooltip")
+    assert tooltip.is_visible()
+    assert "the model" in tooltip.text_content()
+    assert tooltip.locator("table").first.locator("tr").count() == 10
 
-        page.click("nav button[data-mode=score]")
-        run_on_page(page, {"#prompt": "HAMLET.\nTo be"})
-        assert "bits per character" in page.text_content("#summary-a")
+    page.click("nav button[data-mode=score]")
+    run_on_page(page, {"#prompt": "HAMLET.\nTo be"})
+    assert "bits per character" in page.text_content("#summary-a")
 
-        page.fill("#prompt", "To be ¿")
-        page.click("#go")
-        page.wait_for_selector("#error:not([hidden])")
-        assert "the text has" in page.text_content("#error")
-        page.close()
+    page.fill("#prompt", "To be ¿")
+    page.click("#go")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "the text has" in page.text_content("#error")
+    page.close()
 
 
-def test_the_page_compares_two_runs_on_one_prompt_and_seed(browser, served_runs, capsys):
+def test_the_page_compares_two_runs_on_one_prompt_and_seed(browser, served_runs, server_url,
+                                                            capsys):
     random_run = next(p.name for p in served_runs.iterdir() if p.name != TRAINED)
     texts = []
     for run in (TRAINED, random_run):
@@ -264,13 +271,12 @@ def test_the_page_compares_two_runs_on_one_prompt_and_seed(browser, served_runs,
                                 "--seed", "9")
         assert code == 0
         texts.append(out.removesuffix("\n"))
-    with running_server(served_runs) as url:
-        page = opened_page(browser, url)
-        page.click("nav button[data-mode=compare]")
-        page.select_option("#run", TRAINED)
-        page.select_option("#run-b", random_run)
-        run_on_page(page, {"#prompt": "To", "#temperature": "1.0", "#seed": "9",
-                           "#max_new_tokens": "40"})
-        assert [page.text_content("#output-a"), page.text_content("#output-b")] == texts
-        assert "seed 9" in page.text_content("#summary-b")
-        page.close()
+    page = opened_page(browser, server_url)
+    page.click("nav button[data-mode=compare]")
+    page.select_option("#run", TRAINED)
+    page.select_option("#run-b", random_run)
+    run_on_page(page, {"#prompt": "To", "#temperature": "1.0", "#seed": "9",
+                       "#max_new_tokens": "40"})
+    assert [page.text_content("#output-a"), page.text_content("#output-b")] == texts
+    assert "seed 9" in page.text_content("#summary-b")
+    page.close()
