@@ -133,7 +133,10 @@ def start_long_trial(workdir: Path, study: str) -> tuple[list[str], subprocess.P
     return fixed, search_process
 
 
-def test_ctrl_c_stops_the_trial_like_train_py_and_the_same_command_resumes_it(workdir):
+def test_ctrl_c_or_a_killed_search_stops_the_trial_and_the_same_command_resumes_it(workdir):
+    """Ctrl-C stops the trial the way it stops train.py and says how to continue; the same
+    command runs it again, resuming its run folder. That search is then killed: its trial gets
+    SIGTERM, checkpoints and stops, and the next search resumes it to the end."""
     fixed, search_process = start_long_trial(workdir, "c")
     search_process.send_signal(signal.SIGINT)
     out, err = search_process.communicate(timeout=120)
@@ -149,35 +152,27 @@ def test_ctrl_c_stops_the_trial_like_train_py_and_the_same_command_resumes_it(wo
     assert ended_as(trial) == "interrupted" and trial.user_attrs["run"] == str(run.relative_to(
         workdir))
 
+    (run / "meta" / "results.json").unlink()  # the resumed run writes its own
+    search_process = start_search(workdir, *fixed)
+    wait_for(lambda: (run / "meta" / f"resumed_at_step_{stopped['steps']}").is_dir(),
+             "the trial to resume its run", search_process)
+    search_process.kill()
+    _, err = search_process.communicate(timeout=60)
+    assert "trial 0 did not finish: it runs again first" in err
+    assert f"trial 1 running: learning_rate=0.003 n_head=4, resuming runs/{run.name}" in err
+    wait_for(lambda: (run / "meta" / "results.json").is_file(), "the trial to stop")
+    killed = json.loads((run / "meta" / "results.json").read_text())
+    assert killed["end_reason"] == "stopped by SIGTERM" and killed["steps"] < 600
+
     again = search_cli(workdir, *fixed)
     assert again.returncode == 0, again.stderr
-    assert "trial 0 did not finish: it runs again first" in again.stderr
-    assert f"trial 1 running: learning_rate=0.003 n_head=4, resuming runs/{run.name}" \
-        in again.stderr
+    assert "trial 1 was left running by a search that is gone: it runs again" in again.stderr
+    assert f"resuming runs/{run.name}" in again.stderr
     finished = json.loads((run / "meta" / "results.json").read_text())
     assert finished["steps"] == 600 and finished["end_reason"] == "finished 600 steps"
-    assert (run / "meta" / f"resumed_at_step_{stopped['steps']}").is_dir()
     trials = load(workdir, "c").trials
-    assert [ended_as(t) for t in trials] == ["interrupted", "complete"]
-    assert trials[1].value == finished["full_split_val_loss"]
-
-
-def test_a_killed_search_stops_its_trial_and_the_next_search_resumes_it(workdir):
-    fixed, search_process = start_long_trial(workdir, "k")
-    search_process.kill()
-    search_process.communicate(timeout=60)
-    (run,) = workdir.glob("runs/*_k-t0")
-    # the trial gets SIGTERM when its search dies: it checkpoints and writes its results
-    wait_for(lambda: (run / "meta" / "results.json").is_file(), "the trial to stop")
-    assert json.loads((run / "meta" / "results.json").read_text())["end_reason"] == \
-        "stopped by SIGTERM"
-
-    again = search_cli(workdir, *fixed)
-    assert again.returncode == 0, again.stderr
-    assert "trial 0 was left running by a search that is gone: it runs again" in again.stderr
-    assert f"resuming runs/{run.name}" in again.stderr
-    assert json.loads((run / "meta" / "results.json").read_text())["steps"] == 600
-    assert [ended_as(t) for t in load(workdir, "k").trials] == ["lost", "complete"]
+    assert [ended_as(t) for t in trials] == ["interrupted", "lost", "complete"]
+    assert trials[2].value == finished["full_split_val_loss"]
 
 
 def test_trials_caps_the_study_over_every_process_that_shares_it(workdir):
