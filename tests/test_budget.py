@@ -167,7 +167,7 @@ def test_a_time_budget_becomes_a_recorded_max_iters_that_repeats_the_run(tmp_pat
     runs = tmp_path / "runs"
     flags = [*TINY, "--eval-interval", "20", "--warmup-iters", "2",
              "--full-split-max-tokens", "3200"]
-    code = train.main([*flags, "--time-budget", "6", "--aim", "--aim-repo",
+    code = train.main([*flags, "--time-budget", "3", "--aim", "--aim-repo",
                        str(tmp_path / "aim"), "--runs-dir", str(runs / "budget")])
     budgeted = capsys.readouterr().err
     assert code == 0, budgeted
@@ -183,7 +183,7 @@ def test_a_time_budget_becomes_a_recorded_max_iters_that_repeats_the_run(tmp_pat
     max_iters = int(checks[-1]) if checks else calibrated
     (run_dir,) = (runs / "budget").iterdir()
     saved = json.loads((run_dir / "meta" / "full_config.json").read_text())["train"]
-    assert (saved["max_iters"], saved["time_budget"]) == (max_iters, 6.0)
+    assert (saved["max_iters"], saved["time_budget"]) == (max_iters, 3.0)
     assert f"finished {max_iters} steps" in budgeted
     assert final_hparams(run_dir)["max_iters"] == max_iters
     assert find_aim_run(tmp_path / "aim", run_dir.name)["hparams"]["max_iters"] == max_iters
