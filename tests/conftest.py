@@ -152,7 +152,7 @@ def serve_and_get(command: list[str], port: int, path: str = "/", cwd: Path | No
             except OSError:
                 if server.poll() is not None:
                     raise AssertionError(f"{command[0]} exited with {server.returncode}") from None
-                time.sleep(0.5)
+                time.sleep(0.1)
         raise AssertionError(f"{command[0]} did not answer on port {port}")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
