@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import re
@@ -319,8 +320,10 @@ def suggest_key(key: str) -> str:
     return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(USER_FIELDS)}"
 
 
+@functools.cache
 def field_type(name: str) -> Any:
-    """The annotation of the config field `name`, such as `int | None`."""
+    """The annotation of the config field `name`, such as `int | None` (resolving one takes
+    every annotation of its class, so each is resolved once)."""
     return typing.get_type_hints(USER_FIELDS[name])[name]
 
 

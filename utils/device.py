@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import re
 import time
@@ -129,6 +130,17 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype,
         if size >= max_size or seconds > MATMUL_TIMING_SECONDS:
             return best
         size *= 2
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """measure_matmul_flops, measured once per process for each device, dtype and CPU thread
+    count: a process that trains several runs (a search, a notebook) pays for it once."""
+    return _measured_peak_flops(device, dtype, torch.get_num_threads())
+
+
+@functools.cache
+def _measured_peak_flops(device: torch.device, dtype: torch.dtype, threads: int) -> float:
+    return measure_matmul_flops(device, dtype)
 
 
 def synchronize(device: torch.device) -> None:

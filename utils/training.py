@@ -26,7 +26,7 @@ from model import LanguageModel
 from utils import console, distributed
 from utils.checkpoint import TrainingState
 from utils.config import TrainConfig
-from utils.device import measure_matmul_flops
+from utils.device import peak_flops
 from utils.optimizers import build_optimizer, build_scheduler, lr_at, step_unless_nonfinite
 from utils.setup import Setup
 from utils.tracking import Tracker
@@ -152,7 +152,7 @@ class SpeedMeter:
         self.tokens_per_step = setup.tokens_per_step()
         self.flops_per_token = model.flops_per_token()
         # every process measures its own share of the machine; MFU is over all of them
-        peak = setup.config.train.peak_flops or measure_matmul_flops(setup.device, setup.dtype)
+        peak = setup.config.train.peak_flops or peak_flops(setup.device, setup.dtype)
         self.peak_flops = peak * distributed.world_size()
         self.restart()
 
