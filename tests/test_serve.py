@@ -207,8 +207,13 @@ def test_a_bad_generation_request_gets_the_command_lines_words(api_client, serve
     ({"run": TRAINED, "temprature": 0}, 422,
      "unknown field 'temprature'; did you mean 'temperature'?"),
     ({"run": 5}, 422, "argument --run: expected text"),
+    ({"run": TRAINED, "temperature": "0.5"}, 422,
+     "argument --temperature: expected a finite number, got '0.5'"),
+    ({"run": TRAINED, "max_new_tokens": True}, 422,
+     "argument --max-new-tokens: expected an integer, got True"),
 ], ids=["unknown-run", "dotdot", "absolute", "checkpoint-path", "over-limit", "not-a-number",
-        "not-an-integer", "stop-not-a-list", "misspelt-field", "run-not-text"])
+        "not-an-integer", "stop-not-a-list", "misspelt-field", "run-not-text",
+        "number-as-text", "true-as-a-number"])
 def test_a_bad_request_is_a_4xx_with_one_line(api_client, body, status, words):
     response = api_client.post("/api/generate", json=body)
     assert response.status_code == status, response.text

@@ -274,7 +274,9 @@ class ModelCache:
 class ModelChoice(pydantic.BaseModel):
     """A run (its folder name under the runs folder) and what to load from it."""
 
-    model_config = pydantic.ConfigDict(extra="forbid")  # a misspelt field is an error
+    # a misspelt field is an error, and so is a value of another JSON type ("0.5", true):
+    # taking it as the number it might mean would hide the client's mistake
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
 
     run: str = LATEST
     checkpoint: str = EXPORT
