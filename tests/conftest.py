@@ -207,9 +207,9 @@ def final_hparams(run_dir: Path) -> dict[str, object]:
 # make test hands whole files to one worker per core in collection order (--dist loadfile
 # --no-loadscope-reorder): the files that take longest go first, so that no long file starts
 # when the other worker is nearly done. Each file keeps the order of its own tests.
-LONGEST_FIRST = ("test_search.py", "test_resume.py", "test_decoding.py", "test_distributed.py",
-                 "test_serve_live.py", "test_inference.py", "test_train.py",
-                 "test_generated_inputs.py", "test_tracking.py", "test_aim_server.py",
+LONGEST_FIRST = ("test_search.py", "test_resume.py", "test_distributed.py", "test_decoding.py",
+                 "test_aim_server.py", "test_serve_live.py", "test_train.py",
+                 "test_generated_inputs.py", "test_inference.py", "test_tracking.py",
                  "test_data.py", "test_budget.py", "test_serve.py")
 
 
