@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import threading
 
 import pytest
 import torch
@@ -143,6 +144,38 @@ def test_health_names_the_models_loaded(api_client):
     health = api_client.get("/health").json()
     assert health["status"] == "ok" and f"{TRAINED}:export" in health["loaded"]
     assert health["active_generations"] == 0
+
+
+def test_a_load_holds_up_neither_loaded_models_nor_the_list_of_them(served_runs, monkeypatch):
+    """While a model loads, a model already loaded is handed out and the list of loaded ones
+    (GET /health's) is read at once; asked for again meanwhile, the loading model is loaded
+    once and both get it."""
+    cache = ModelCache(RunCatalog(served_runs), torch.device("cpu"))
+    first = cache.get(TRAINED)
+    other = next(p.name for p in served_runs.iterdir() if p.name != TRAINED)
+    loading, release, loads = threading.Event(), threading.Event(), []
+    real_load = ModelCache._load
+
+    def held_load(self, run, checkpoint):
+        loads.append(run.run_id)
+        loading.set()
+        assert release.wait(timeout=60)
+        return real_load(self, run, checkpoint)
+
+    monkeypatch.setattr(ModelCache, "_load", held_load)
+    got = {}
+    askers = [threading.Thread(target=lambda i=i: got.__setitem__(i, cache.get(other)))
+              for i in range(2)]
+    askers[0].start()
+    assert loading.wait(timeout=60)
+    askers[1].start()
+    assert cache.get(TRAINED) is first
+    assert cache.loaded() == [f"{TRAINED}:export"]
+    release.set()
+    for asker in askers:
+        asker.join(timeout=60)
+    assert got[0] is got[1] and got[0].run_id == other and loads == [other]
+    assert cache.loaded() == [f"{TRAINED}:export", f"{other}:export"]
 
 
 def test_the_page_and_its_files_are_served_from_the_project(api_client):

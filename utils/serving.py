@@ -22,6 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -223,8 +224,10 @@ class LoadedModel:
 
 class ModelCache:
     """The last `capacity` models asked for, loaded on first use through the loader
-    inference.py uses. Loads are one at a time; a model evicted while a generation still uses
-    it lives on until that generation ends.
+    inference.py uses. Loads are one at a time, and a model asked for while it loads is
+    loaded once; a loaded model is handed out, and the list of loaded ones read, without
+    waiting for a load. A model evicted while a generation still uses it lives on until that
+    generation ends.
 
     Generations take turns: each step holds one lock shared by every model, so the steps of
     several clients run one after another instead of all at once fighting over the cores and
@@ -233,8 +236,10 @@ class ModelCache:
 
     def __init__(self, catalog: RunCatalog, device: torch.device, capacity: int = 3) -> None:
         self.catalog, self.device, self.capacity = catalog, device, capacity
-        self._models: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
-        self._lock = threading.Lock()
+        self._models: OrderedDict[tuple[str, str, int | None], LoadedModel] = OrderedDict()
+        self._loading: dict[tuple[str, str, int | None], Future[LoadedModel]] = {}
+        self._lock = threading.Lock()  # held only to read or change the two above
+        self._loads = threading.Lock()  # held for each load
         self._turns = threading.Lock()
 
     def get(self, run_id: str, checkpoint: str = EXPORT) -> LoadedModel:
@@ -249,11 +254,30 @@ class ModelCache:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
-            loaded = self._load(run, checkpoint)
+            pending = self._loading.get(key)
+            if pending is None:
+                pending = self._loading[key] = Future()
+                pending.set_running_or_notify_cancel()
+                loads_it = True
+            else:
+                loads_it = False
+        if not loads_it:
+            return pending.result()  # the loader's model, or its error
+        try:
+            with self._loads:
+                loaded = self._load(run, checkpoint)
+        except BaseException as error:
+            with self._lock:
+                del self._loading[key]
+            pending.set_exception(error)
+            raise
+        with self._lock:
+            del self._loading[key]
             self._models[key] = loaded
             while len(self._models) > self.capacity:
                 self._models.popitem(last=False)
-            return loaded
+        pending.set_result(loaded)
+        return loaded
 
     def loaded(self) -> list[str]:
         """The models loaded now, least recently used first, as run:checkpoint."""
