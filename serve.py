@@ -48,12 +48,11 @@ from utils import console
 from utils.config_loader import ArgumentParser
 from utils.device import resolve_device
 from utils.errors import USER_ERRORS, UserError
+from utils.run_catalog import LATEST, RunCatalog
 from utils.serving import (
-    LATEST,
     GenerationRequest,
     Limits,
     ModelCache,
-    RunCatalog,
     ScoreRequest,
     generation_events,
     prepare_generation,

@@ -22,8 +22,9 @@ from tests.conftest import randomised
 from tokenizer import CharTokenizer
 from utils import decoding
 from utils.checkpoint import save_export
+from utils.run_catalog import RunCatalog
 from utils.runs import create_run
-from utils.serving import Limits, ModelCache, RunCatalog
+from utils.serving import Limits, ModelCache
 
 CORPUS = "".join(f"{name}.\nTo be, or not to be, that is the question {i % 7}.\n"
                  for i, name in enumerate(("HAMLET", "OPHELIA", "HORATIO") * 60))

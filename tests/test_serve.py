@@ -20,7 +20,8 @@ from tests.serving_runs import (
     generate,
     generated_text,
 )
-from utils.serving import ModelCache, RunCatalog
+from utils.run_catalog import RunCatalog
+from utils.serving import ModelCache
 
 # the runs folder (served_runs) and the app over it (api_client) are tests/conftest.py's, built once
 # for this file
