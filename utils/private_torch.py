@@ -135,8 +135,8 @@ def compile_with_frozen_weights(forward: Callable[..., Any]) -> Callable[..., An
         "cpp_wrapper": True,
         "guard_filter_fn": weight_identity_checks_only,
         # inductor's graph cache gave a step the packed weights of an earlier model of the
-        # same shape (torch 2.13), on disk too: each graph is lowered anew, its C++ still
-        # built once and kept on disk
+        # same shape (torch 2.13), on disk too: each graph is lowered anew, and its C++ is
+        # built anew as well (the source names each frozen constant's address)
         "fx_graph_cache": False,
     })
 
