@@ -134,7 +134,7 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype,
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """measure_matmul_flops, measured once per process for each device, dtype and CPU thread
-    count: a process that trains several runs (a search, a notebook) pays for it once."""
+    count: a process that trains several runs (a notebook, a test session) pays for it once."""
     return _measured_peak_flops(device, dtype, torch.get_num_threads())
 
 
