@@ -250,6 +250,13 @@ def test_the_page_generates_the_clis_text_and_shows_each_characters_candidates(
     assert "the model" in tooltip.text_content()
     assert tooltip.locator("table").first.locator("tr").count() == 10
 
+    # a stop string typed as \n is a newline: the text ends where the first one would start
+    assert "\n" in out.removesuffix("\n")
+    page.fill("#stop", "\\n")
+    run_on_page(page, {})
+    assert page.text_content("#output-a") == out.split("\n")[0]
+    assert "ended at a stop string" in page.text_content("#summary-a")
+
     page.click("nav button[data-mode=score]")
     run_on_page(page, {"#prompt": "HAMLET.\nTo be"})
     assert "bits per character" in page.text_content("#summary-a")
