@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,10 +64,10 @@ def running_server(served_runs: Path, *flags: str) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def server_url(served_runs: Path) -> Iterator[str]:
     """One server for the tests that leave it running (starting one takes seconds): the
-    trained run named by its folder, as inference.py takes it, and room for a generation
-    that only its client's going away ends."""
+    trained run named by its folder, as inference.py takes it, room for a generation that
+    only its client's going away ends, and a short limit on what one request may score."""
     with running_server(served_runs, "--run", str(served_runs / TRAINED),
-                        "--max-new-tokens", "100000") as url:
+                        "--max-new-tokens", "100000", "--max-score-chars", "500") as url:
         yield url
 
 
@@ -163,6 +164,18 @@ def socket_in_use() -> Iterator[int]:
 
 def test_a_run_folder_path_is_taken_like_inference_py_takes_it(server_url):
     assert get_json(f"{server_url}/api/runs")["default"] == TRAINED
+
+
+def test_the_command_lines_limits_hold_for_every_request(server_url):
+    for path, body in (("/api/score", {"run": TRAINED, "text": "To be " * 84}),
+                       ("/api/generate", {"run": TRAINED, "prompt": "To be " * 84})):
+        request = urllib.request.Request(f"{server_url}{path}", json.dumps(body).encode(),
+                                         method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 400
+        assert "at most 500" in json.loads(refused.value.read())["error"]
 
 
 def test_listening_beyond_loopback_warns(served_runs):
