@@ -135,6 +135,28 @@ def test_range_error_names_field_value_and_source(tmp_path):
         load(make_loader(tmp_path), "--batch-size", "0")
 
 
+@pytest.mark.parametrize("flags,switch", [(["--aim-repo", "tracked"], "--aim"),
+                                           (["--wandb-project", "p"], "--wandb"),
+                                           (["--wandb-mode", "offline"], "--wandb")])
+def test_a_trackers_flag_while_the_tracker_is_off_is_refused(tmp_path, flags, switch):
+    """Given as a flag, a tracker's setting with the tracker off would do nothing. A config
+    file or an environment variable may set it for the runs that turn the tracker on, and the
+    switch may come from any layer."""
+    loader = ConfigLoader(cwd=tmp_path, environ={})
+    with pytest.raises(ConfigError) as refused:
+        load(loader, *flags)
+    assert str(refused.value) == (f"{flags[0]} does nothing while {switch.lstrip('-')}_logging "
+                                  f"is off; add {switch}, or leave {flags[0]} out")
+    assert load(loader, *flags, switch)
+    key = flags[0].removeprefix("--").replace("-", "_")
+    team = tmp_path / "team.yaml"
+    team.write_text(f"{key}: {flags[1]}\n")
+    assert getattr(load(loader, "--config", str(team)).train, key) == flags[1]
+    switched_on = ConfigLoader(cwd=tmp_path,
+                               environ={f"CHARGPT_{switch.lstrip('-').upper()}_LOGGING": "true"})
+    assert load(switched_on, *flags)
+
+
 def test_head_count_must_divide_embedding_width(tmp_path):
     preset = tmp_path / "preset.json"
     preset.write_text(json.dumps({"n_embd": 100}))

@@ -155,20 +155,22 @@ class TrainConfig:
     aim_repo: str | None = field(
         default=None, metadata={"help": "folder holding the Aim repo (.aim), or aim://HOST:PORT "
                                         "of an `aim server`; none = the project root",
-                                "output_folder": True}
+                                "output_folder": True, "requires": "aim_logging"}
     )
     wandb_logging: bool = field(
         default=False, metadata={"help": "also track the run in Weights & Biases "
                                          "(pip install wandb)", "aliases": ("--wandb",)}
     )
     wandb_project: str = field(
-        default="chargpt", metadata=_help("the W&B project the run is logged to")
+        default="chargpt", metadata={"help": "the W&B project the run is logged to",
+                                     "requires": "wandb_logging"}
     )
     wandb_mode: Literal["auto", "online", "offline"] = field(
-        default="auto", metadata=_help("online: to W&B's servers (needs an API key: wandb login "
-                                       "or WANDB_API_KEY); offline: into runs/<id>/logs/wandb, "
-                                       "for wandb sync later; auto: online if there is a key, "
-                                       "else offline")
+        default="auto", metadata={"help": "online: to W&B's servers (needs an API key: wandb "
+                                          "login or WANDB_API_KEY); offline: into "
+                                          "runs/<id>/logs/wandb, for wandb sync later; auto: "
+                                          "online if there is a key, else offline",
+                                  "requires": "wandb_logging"}
     )
     checkpoint_interval: int | None = field(
         default=250, metadata=_help("steps between checkpoints; none = only the best and the end")

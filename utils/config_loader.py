@@ -58,6 +58,9 @@ class ConfigError(UserError):
         self.fields = tuple(fields)
 
 
+COMMAND_LINE = "command-line flags"  # the layer of the flags given: _user_layers' last
+
+
 @dataclass(frozen=True)
 class _Layer:
     """Values from one source; `from_text` marks env vars and flags, which arrive as strings."""
@@ -161,7 +164,7 @@ class ConfigLoader:
             layers.append(self._file_layer(args.config, f"--config {args.config}"))
         layers.append(self._env_layer())
         flags = {k: v for k, v in vars(args).items() if k in USER_FIELDS}
-        layers.append(_Layer("command-line flags", flags, from_text=True))
+        layers.append(_Layer(COMMAND_LINE, flags, from_text=True))
         return layers
 
     def _base_layers(self) -> list[_Layer]:
@@ -208,6 +211,7 @@ class ConfigLoader:
                     raise ConfigError(f"unknown config key '{key}' in {source}{suggest_key(key)}")
                 merged[key] = (coerce(key, raw, layer.from_text, source), source)
         _settle_length(layers, merged)
+        _check_switched_flags(layers, merged)
         return merged
 
 
@@ -306,10 +310,30 @@ def _settle_length(layers: Sequence[_Layer], merged: dict[str, tuple[Any, str]])
             return
 
 
+def _check_switched_flags(layers: Sequence[_Layer], merged: dict[str, tuple[Any, str]]) -> None:
+    """A flag whose field matters only while a switch is on (its metadata's "requires", such
+    as --aim-repo and --aim), given while the switch is off, would do nothing: refuse it. A
+    config file or an environment variable may set such a field for runs that turn the
+    switch on themselves."""
+    given = next((layer.values for layer in layers if layer.source == COMMAND_LINE), {})
+    for key in given:
+        switch = _field_spec(key).metadata.get("requires")
+        if switch is not None and not merged[switch][0]:
+            flag, switch_flag = _flag_name(key), _flag_name(switch)
+            raise ConfigError(f"{flag} does nothing while {switch} is off; add {switch_flag}, "
+                              f"or leave {flag} out", (key,))
+
+
+def _flag_name(key: str) -> str:
+    """The flag a user types for the field: its short alias (--aim) if it has one."""
+    aliases = _field_spec(key).metadata.get("aliases", ())
+    return aliases[0] if aliases else "--" + key.replace("_", "-")
+
+
 def _describe_source(layer: _Layer, key: str) -> str:
     if layer.source == "environment":
         return f"env {ENV_PREFIX}{key.upper()}"
-    if layer.source == "command-line flags":
+    if layer.source == COMMAND_LINE:
         return "--" + key.replace("_", "-")
     return layer.source
 
