@@ -85,7 +85,7 @@ CASES += [
     ("token-cache-unwritable", lambda t: ["--token-cache", "/proc/chargpt-tokens"],
      r"--token-cache /proc/chargpt-tokens cannot be written: /proc does not let this process "
      r"write in it"),
-    ("aim-repo-name-too-long", lambda t: ["--aim-repo", str(t / ("x" * 300))],
+    ("aim-repo-name-too-long", lambda t: ["--aim", "--aim-repo", str(t / ("x" * 300))],
      r"--aim-repo .* cannot be made: the name x{20}\.\.\. is longer than the 255 bytes"),
     ("seed-negative", lambda t: ["--seed", "-1"], r"seed must be in \[0, 4294967295\]"),
     ("device-not-a-device", lambda t: ["--device", "gpu"],
