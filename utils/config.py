@@ -34,6 +34,16 @@ RUN_TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 WANDB_BANNED = "/\\#?%:"
 
 
+def is_aim_server(aim_repo: str | None) -> bool:
+    """Whether aim_repo names an `aim server` (aim://HOST:PORT) rather than a folder."""
+    return aim_repo is not None and aim_repo.startswith("aim://")
+
+
+def names_aim_folder(aim_repo: str) -> bool:
+    """Whether an aim_repo value is a folder the run writes to, not an `aim server`."""
+    return not is_aim_server(aim_repo)
+
+
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
@@ -155,7 +165,7 @@ class TrainConfig:
     aim_repo: str | None = field(
         default=None, metadata={"help": "folder holding the Aim repo (.aim), or aim://HOST:PORT "
                                         "of an `aim server`; none = the project root",
-                                "output_folder": True, "requires": "aim_logging"}
+                                "output_folder": names_aim_folder, "requires": "aim_logging"}
     )
     wandb_logging: bool = field(
         default=False, metadata={"help": "also track the run in Weights & Biases "
@@ -289,11 +299,6 @@ class TrainConfig:
         return self.max_iters if self.lr_decay_iters is None else self.lr_decay_iters
 
 
-def is_aim_server(aim_repo: str | None) -> bool:
-    """Whether aim_repo names an `aim server` (aim://HOST:PORT) rather than a folder."""
-    return aim_repo is not None and aim_repo.startswith("aim://")
-
-
 def check_aim_server_address(address: str) -> None:
     match = AIM_SERVER_PATTERN.fullmatch(address)
     if match is None or not 1 <= int(match["port"]) <= 65535:
@@ -346,8 +351,9 @@ USER_FIELDS: dict[str, type] = {
     **{f.name: TrainConfig for f in dataclasses.fields(TrainConfig)},
 }
 
-# Fields naming a folder the run writes to: the loader checks each can be written before any
-# work starts (utils/output_paths.py)
-OUTPUT_FOLDER_FIELDS = tuple(name for name, section in USER_FIELDS.items()
-                             for f in dataclasses.fields(section)
-                             if f.name == name and f.metadata.get("output_folder"))
+# Fields naming a folder the run writes to, each with which of its values are folders (True:
+# every value; a function of the value, such as aim_repo's, where some name something else):
+# the loader checks each folder can be written before any work starts (utils/output_paths.py)
+OUTPUT_FOLDER_FIELDS = {name: f.metadata["output_folder"] for name, section in USER_FIELDS.items()
+                        for f in dataclasses.fields(section)
+                        if f.name == name and f.metadata.get("output_folder")}

@@ -40,7 +40,6 @@ from utils.config import (
     USER_FIELDS,
     Config,
     TrainConfig,
-    is_aim_server,
 )
 from utils.config_values import convert, describe_expected, finite, format_value, metavar
 from utils.errors import UserError
@@ -372,9 +371,9 @@ def coerce(key: str, raw: Any, from_text: bool, source: str) -> Any:
 def _build_config(merged: Mapping[str, tuple[Any, str]]) -> Config:
     """The validated config, once every folder it names for writing can be written."""
     config = Config(model=_build(ModelConfig, merged), train=_build(TrainConfig, merged))
-    for name in OUTPUT_FOLDER_FIELDS:
+    for name, names_folder in OUTPUT_FOLDER_FIELDS.items():
         path, source = merged[name]
-        if path is not None and not (name == "aim_repo" and is_aim_server(path)):
+        if path is not None and (names_folder is True or names_folder(path)):
             check_output_folder(path, source if source.startswith("--") else
                                 f"{name} (from {source})")
     return config
