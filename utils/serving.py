@@ -104,12 +104,9 @@ class ModelCache:
                 self._models.move_to_end(key)
                 return self._models[key]
             pending = self._loading.get(key)
-            if pending is None:
+            loads_it = pending is None
+            if loads_it:
                 pending = self._loading[key] = Future()
-                pending.set_running_or_notify_cancel()
-                loads_it = True
-            else:
-                loads_it = False
         if not loads_it:
             return pending.result()  # the loader's model, or its error
         try:
