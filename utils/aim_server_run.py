@@ -160,14 +160,18 @@ class AimServerRun:
         return None
 
     def close(self) -> str | None:
-        """Hand the child every call and let it close the run, within CLOSE_SECONDS in all;
-        None once it has, else why not (the child is ended then)."""
+        """Hand the child every call and let it close the run: one question to the server (a
+        server gone at the run's end is not waited for), then CLOSE_SECONDS in all for the
+        rest; None once it has, else why not (the child is ended then)."""
         self.stopped.set()
-        trouble = self.trouble() or self._unanswered()
+        if self.server_problem is None and self.process.poll() is None:
+            self.server_problem = self.server.problem()
+        trouble = self.trouble()
         if trouble is None:
-            self._queue_end(block=True)
+            deadline = time.monotonic() + CLOSE_SECONDS
+            self._queue_end(wait_seconds=CLOSE_SECONDS)
             try:
-                self.process.wait(CLOSE_SECONDS)
+                self.process.wait(max(0.0, deadline - time.monotonic()))
                 if self.process.returncode != 0:
                     trouble = self.trouble()
             except subprocess.TimeoutExpired:
@@ -183,12 +187,7 @@ class AimServerRun:
         """End the child now, without waiting for the server (one that went away)."""
         self.stopped.set()
         end(self.process)
-        self._queue_end(block=False)
-
-    def _unanswered(self) -> str | None:
-        problem = self.server.problem()
-        return None if problem is None else (
-            f"the Aim server at {self.server.address} stopped answering ({problem})")
+        self._queue_end()
 
     def _queue(self, kind: str, args: tuple) -> None:
         try:
@@ -196,9 +195,9 @@ class AimServerRun:
         except queue.Full:
             self.dropped += 1
 
-    def _queue_end(self, block: bool) -> None:
+    def _queue_end(self, wait_seconds: float = 0.0) -> None:
         try:
-            self.calls.put(None, block=block, timeout=CLOSE_SECONDS if block else None)
+            self.calls.put(None, block=wait_seconds > 0, timeout=wait_seconds or None)
         except queue.Full:
             end(self.process)  # the sender is stuck on a full pipe: ending the child frees it
 
