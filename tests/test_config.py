@@ -147,14 +147,14 @@ def test_a_trackers_flag_while_the_tracker_is_off_is_refused(tmp_path, flags, sw
         load(loader, *flags)
     assert str(refused.value) == (f"{flags[0]} does nothing while {switch.lstrip('-')}_logging "
                                   f"is off; add {switch}, or leave {flags[0]} out")
-    assert load(loader, *flags, switch)
     key = flags[0].removeprefix("--").replace("-", "_")
+    assert getattr(load(loader, *flags, switch).train, key) == flags[1]
     team = tmp_path / "team.yaml"
     team.write_text(f"{key}: {flags[1]}\n")
     assert getattr(load(loader, "--config", str(team)).train, key) == flags[1]
     switched_on = ConfigLoader(cwd=tmp_path,
                                environ={f"CHARGPT_{switch.lstrip('-').upper()}_LOGGING": "true"})
-    assert load(switched_on, *flags)
+    assert getattr(load(switched_on, *flags).train, key) == flags[1]
 
 
 def test_head_count_must_divide_embedding_width(tmp_path):

@@ -167,8 +167,10 @@ def test_ctrl_c_or_a_killed_search_stops_the_trial_and_the_same_command_resumes_
 
     (run / "meta" / "results.json").unlink()  # the resumed run writes its own
     search_process = start_search(workdir, *fixed)
-    wait_for(lambda: (run / "meta" / f"resumed_at_step_{stopped['steps']}").is_dir(),
-             "the trial to resume its run", search_process)
+    # a checkpoint after the resumed step: the trial is in its loop, where SIGTERM checkpoints
+    wait_for(lambda: any(int(p.stem.removeprefix("step_")) > stopped["steps"]
+                         for p in run.glob("artifacts/checkpoints/step_*.safetensors")),
+             "the resumed trial's first checkpoint", search_process)
     search_process.kill()
     _, err = search_process.communicate(timeout=60)
     assert "trial 0 did not finish: it runs again first" in err
