@@ -8,8 +8,9 @@ process would. MODE "equivalence" trains plainly; "accumulation" the same with e
 batch in two micro-batches (gradients synced on the second only); "nonfinite" makes rank 1's
 loss infinite at one step (its gradients stay finite), which every rank must skip; "main_fails"
 fails on rank 0 alone, in work only rank 0 does, as a full disk would; "rank1_killed" has rank
-1 killed (SIGKILL) while rank 0 waits in a collective. Several training modes run one after
-the other in one launch, which spares a launch each. For each, every rank writes its weights to
+1 killed (SIGKILL) while rank 0 waits in a collective. Several modes run one after the other
+in one launch, which spares a launch each; a failing mode ends it. For each training mode, every
+rank writes its weights to
 OUT_DIR/<MODE>/rank<r>.safetensors, and to OUT_DIR/<MODE>/rank<r>.json the per-step is_finite
 flags and how many gradient all-reduces DDP ran.
 """
@@ -113,13 +114,13 @@ def main(argv: list[str]) -> int:
     modes, corpus, out = argv[0].split(","), Path(argv[1]), Path(argv[2])
     launch = distributed.current_launch()
     with distributed.process_group(launch, torch.device("cpu")) as group:
-        if "main_fails" in modes:
-            distributed.on_main(fail_on_main)
-        if "rank1_killed" in modes:
-            if launch.rank == 1:
-                os.kill(os.getpid(), signal.SIGKILL)
-            distributed.max_over_ranks(0, torch.device("cpu"))  # rank 0 waits for rank 1
         for mode in modes:
+            if mode == "main_fails":
+                distributed.on_main(fail_on_main)
+            if mode == "rank1_killed":
+                if launch.rank == 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                distributed.max_over_ranks(0, torch.device("cpu"))  # rank 0 waits for rank 1
             model, record = run(mode, corpus, group)
             (out / mode).mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in model.state_dict().items()},

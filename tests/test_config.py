@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+import train
 from model import ModelConfig
-from tests.conftest import PROJECT_ROOT, run_script
+from tests.conftest import PROJECT_ROOT
 from utils.config import TrainConfig
 from utils.config_loader import ConfigError, ConfigLoader
 
@@ -174,20 +175,21 @@ def test_unparseable_and_missing_config_files_are_reported(tmp_path):
         load(make_loader(tmp_path), "--config", str(tmp_path / "nope.yaml"))
 
 
-def test_help_lists_every_flag_with_its_configured_default():
-    result = run_script("train.py", "--help")
-    assert result.returncode == 0
+def test_help_lists_every_flag_with_its_configured_default(capsys):
+    with pytest.raises(SystemExit) as ended:  # argparse ends the process after the help
+        train.main(["--help"])
+    assert ended.value.code == 0
+    stdout = capsys.readouterr().out
     for flag, default in (("--batch-size", "32"), ("--n-layer", "4"), ("--learning-rate", "0.003"),
                           ("--grad-clip", "1.0"), ("--compile", "False"), ("--run-tag", "run")):
-        entry = result.stdout[result.stdout.index(f"\n  {flag}"):].split("\n  --")[1]
+        entry = stdout[stdout.index(f"\n  {flag}"):].split("\n  --")[1]
         assert f"(default: {default})" in " ".join(entry.split()), flag
 
 
-def test_bad_value_on_the_command_line_exits_2_with_one_line_and_no_run(tmp_path):
+def test_bad_value_on_the_command_line_exits_2_with_one_line_and_no_run(tmp_path, capsys):
     runs = tmp_path / "runs"
-    result = run_script("train.py", "--n-head", "5", "--runs-dir", str(runs), cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    assert train.main(["--n-head", "5", "--runs-dir", str(runs)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "error: n_embd=128 must be divisible by n_head=5 (n_embd=128 from default, "
         "n_head=5 from --n-head)"
     ]

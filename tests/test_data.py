@@ -21,7 +21,7 @@ from data import (
     split_ids,
     text_chunks,
 )
-from tests.conftest import PROJECT_ROOT, run_script
+from tests.conftest import PROJECT_ROOT
 from tokenizer import CharTokenizer, UnknownCharactersError
 
 
@@ -272,21 +272,19 @@ def test_processes_building_one_store_take_turns(tmp_path, corpus_file):
     assert sum("(reused)" in output for output in outputs) == 2
 
 
-def test_the_corpus_report_names_sizes_and_the_store(tmp_path, corpus_file):
-    result = run_script("train.py", "--describe-data", "--data-path", str(corpus_file),
-                        "--runs-dir", str(tmp_path / "runs"),
-                        env={"CHARGPT_TOKEN_CACHE": str(tmp_path / "cache")})
-    assert result.returncode == 0, result.stderr
+def test_the_corpus_report_names_sizes_and_the_store(tmp_path, corpus_file, capsys, monkeypatch):
+    monkeypatch.setenv("CHARGPT_TOKEN_CACHE", str(tmp_path / "cache"))
+    describe = ["--describe-data", "--data-path", str(corpus_file)]
+    assert train.main([*describe, "--runs-dir", str(tmp_path / "runs")]) == 0
     text = corpus_file.read_text()
-    lines = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    lines = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
     assert lines["characters"].strip() == f"{len(text):,}"
     assert lines["train"].strip() == f"{int(len(text) * 0.9):,} tokens"
     assert lines["vocabulary"].strip().startswith(f"{len(set(text))} characters")
     assert str(tmp_path / "cache") in lines["store"] and "(built now in" in lines["store"]
     assert not (tmp_path / "runs").exists()  # a report, not a run
-    again = run_script("train.py", "--describe-data", "--data-path", str(corpus_file),
-                       env={"CHARGPT_TOKEN_CACHE": str(tmp_path / "cache")})
-    assert "(reused)" in again.stdout
+    assert train.main(describe) == 0
+    assert "(reused)" in capsys.readouterr().out
 
 
 def test_a_fixed_vocabulary_refuses_text_outside_it(tmp_path, corpus_file):

@@ -169,15 +169,22 @@ Ranks = list[tuple[dict[str, torch.Tensor], dict]]  # each rank's weights and re
 
 
 @pytest.fixture(scope="module")
-def worker_ranks(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> dict[str, Ranks]:
-    """Every training mode of tests/ddp_worker.py, one after the other in one launch."""
+def worker_launch(tmp_path_factory: pytest.TempPathFactory,
+                  corpus: Path) -> tuple[dict[str, Ranks], subprocess.CompletedProcess]:
+    """Every training mode of tests/ddp_worker.py, one after the other in one launch, which
+    then fails on rank 0 ("main_fails"): each mode's ranks, and the launch's result."""
     out = tmp_path_factory.mktemp("worker")
-    result = torchrun(str(Path("tests") / "ddp_worker.py"), ",".join(WORKER_MODES), str(corpus),
-                      str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {mode: [(load_file(str(out / mode / f"rank{r}.safetensors")),
-                    json.loads((out / mode / f"rank{r}.json").read_text())) for r in range(2)]
-            for mode in WORKER_MODES}
+    result = torchrun(str(Path("tests") / "ddp_worker.py"),
+                      ",".join((*WORKER_MODES, "main_fails")), str(corpus), str(out))
+    ranks = {mode: [(load_file(str(out / mode / f"rank{r}.safetensors")),
+                     json.loads((out / mode / f"rank{r}.json").read_text())) for r in range(2)]
+             for mode in WORKER_MODES}
+    return ranks, result
+
+
+@pytest.fixture(scope="module")
+def worker_ranks(worker_launch) -> dict[str, Ranks]:
+    return worker_launch[0]
 
 
 @pytest.mark.parametrize("mode", ["equivalence", "accumulation"])
@@ -208,8 +215,8 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(
         assert torch.equal(tensor, rank1[name]), f"replicas diverged in {name}"
 
 
-def test_a_failure_on_rank_0_ends_every_rank_with_the_error_shown_once(tmp_path: Path) -> None:
-    result = torchrun(str(Path("tests") / "ddp_worker.py"), "main_fails", "unused", str(tmp_path))
+def test_a_failure_on_rank_0_ends_every_rank_with_the_error_shown_once(worker_launch) -> None:
+    _, result = worker_launch
     assert result.returncode != 0
     assert result.stderr.count("error: cannot write checkpoint: No space left on device") == 1
     assert "exitcode  : 1" in result.stderr  # torchrun's summary names the failed rank

@@ -30,6 +30,13 @@ def tracked_run(tmp_path_factory) -> tuple[Path, Path]:
     return run_dir, tmp / "aim"
 
 
+@pytest.fixture(scope="module")
+def aim_repo(tracked_run) -> Path:
+    """tracked_run's Aim repo, which the other runs of this file log to as well (a repo
+    costs a second to make); each run has a tag of its own, so its name is its own."""
+    return tracked_run[1]
+
+
 def steps_and_values(sequence) -> tuple[list[int], list[float]]:
     steps, (values, *_) = sequence.data.items_list()
     return steps, values
@@ -71,7 +78,7 @@ def test_aim_run_is_named_by_run_id_with_hparams_losses_and_closed(tracked_run):
     assert not run.active
 
 
-def test_aim_run_is_closed_after_ctrl_c(tmp_path, capsys, monkeypatch):
+def test_aim_run_is_closed_after_ctrl_c(tmp_path, capsys, monkeypatch, aim_repo):
     """Ctrl-C during step 25 (sent by the process to itself; Python runs the handler at once),
     after the first checkpoint: the Aim run is open and has metrics."""
     real_step = train.optimizer_step
@@ -84,12 +91,12 @@ def test_aim_run_is_closed_after_ctrl_c(tmp_path, capsys, monkeypatch):
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(train, "optimizer_step", step_with_ctrl_c)
-    code = train.main([*TINY, "--max-iters", "100000", "--aim", "--aim-repo",
-                       str(tmp_path / "aim"), "--runs-dir", str(tmp_path / "runs"),
+    code = train.main([*TINY, "--max-iters", "100000", "--aim", "--aim-repo", str(aim_repo),
+                       "--runs-dir", str(tmp_path / "runs"), "--run-tag", "ctrl-c",
                        "--checkpoint-interval", "20"])
     assert code == 130, capsys.readouterr().err
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert not find_aim_run(tmp_path / "aim", run_dir.name).active
+    assert not find_aim_run(aim_repo, run_dir.name).active
 
 
 def test_broken_aim_install_is_reported_before_training(tmp_path, capsys, monkeypatch):
@@ -135,18 +142,18 @@ def test_histogram_bins_count_every_value_between_min_and_max():
     assert sum(constant.bin_counts) == 3
 
 
-def test_resume_continues_the_same_aim_run_and_tensorboard_log(tmp_path, capsys):
+def test_resume_continues_the_same_aim_run_and_tensorboard_log(tmp_path, capsys, aim_repo):
     from aim.storage.context import Context
 
-    args = [*TINY, "--checkpoint-interval", "20", "--aim", "--aim-repo", str(tmp_path / "aim"),
-            "--runs-dir", str(tmp_path / "runs")]
+    args = [*TINY, "--checkpoint-interval", "20", "--aim", "--aim-repo", str(aim_repo),
+            "--runs-dir", str(tmp_path / "runs"), "--run-tag", "resumed"]
     assert train.main(args) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     record = (run_dir / "meta" / "aim_run.txt").read_text()
     assert train.main(["--resume", str(run_dir), "--max-iters", "60"]) == 0
     capsys.readouterr()
     assert (run_dir / "meta" / "aim_run.txt").read_text() == record
-    run = find_aim_run(tmp_path / "aim", run_dir.name)
+    run = find_aim_run(aim_repo, run_dir.name)
     steps, _ = steps_and_values(run.get_metric("loss", Context({"subset": "train"})))
     assert steps == [10, 20, 30, 40, 50, 60] and not run.active
     events = EventAccumulator(str(run_dir / "logs" / "tensorboard"))
