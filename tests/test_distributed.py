@@ -176,6 +176,8 @@ def worker_launch(tmp_path_factory: pytest.TempPathFactory,
     out = tmp_path_factory.mktemp("worker")
     result = torchrun(str(Path("tests") / "ddp_worker.py"),
                       ",".join((*WORKER_MODES, "main_fails")), str(corpus), str(out))
+    written = sorted(path.name for path in out.iterdir())
+    assert written == sorted(WORKER_MODES), result.stderr[-3000:]  # every mode before the failure
     ranks = {mode: [(load_file(str(out / mode / f"rank{r}.safetensors")),
                      json.loads((out / mode / f"rank{r}.json").read_text())) for r in range(2)]
              for mode in WORKER_MODES}

@@ -119,15 +119,6 @@ def test_tensorboard_ui_serves_the_runs(tracked_run):
                           "--port", str(port)], port)[0] == 200
 
 
-def test_aim_ui_serves_the_repo(tracked_run):
-    binary = shutil.which("aim", path=str(BIN))
-    if binary is None:
-        pytest.skip("the aim command is not installed")
-    port = free_port()
-    assert serve_and_get([binary, "up", "--repo", str(tracked_run[1]), "--host", "127.0.0.1",
-                          "--port", str(port)], port)[0] == 200
-
-
 def test_histogram_bins_count_every_value_between_min_and_max():
     import torch
 
@@ -159,3 +150,14 @@ def test_resume_continues_the_same_aim_run_and_tensorboard_log(tmp_path, capsys,
     events = EventAccumulator(str(run_dir / "logs" / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [10, 20, 30, 40, 50, 60]
+
+
+# last in this file: `aim up` indexes the repo in the background, which no later run of the
+# shared repo should meet
+def test_aim_ui_serves_the_repo(aim_repo):
+    binary = shutil.which("aim", path=str(BIN))
+    if binary is None:
+        pytest.skip("the aim command is not installed")
+    port = free_port()
+    assert serve_and_get([binary, "up", "--repo", str(aim_repo), "--host", "127.0.0.1",
+                          "--port", str(port)], port)[0] == 200
