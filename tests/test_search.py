@@ -190,13 +190,14 @@ def test_ctrl_c_or_a_killed_search_stops_the_trial_and_the_same_command_resumes_
     assert trials[2].value == finished["full_split_val_loss"]
 
 
-def test_trials_caps_the_study_over_every_process_that_shares_it(workdir):
+def test_trials_caps_the_study_over_every_process_that_shares_it(workdir, capsys):
     journal = str(workdir / "study.journal")
     fixed = ["--study", "shared", "--trials", "3", "--storage", journal, *TINY_TRIAL,
              "--max-iters", "10", "--eval-interval", "10"]
-    workers = [start_search(workdir, *fixed) for _ in range(2)]
-    results = [worker.communicate(timeout=300) for worker in workers]
-    assert [worker.returncode for worker in workers] == [0, 0], results
+    other = start_search(workdir, *fixed)
+    here = search_here(workdir, capsys, *fixed)  # the second worker: this process
+    results = [other.communicate(timeout=300), (here.stdout, here.stderr)]
+    assert [other.returncode, here.returncode] == [0, 0], results
     ran = [n for out, _ in results for n in trial_lines(out)]
     assert sorted(ran) == sorted(set(ran)) and len(ran) >= 3
     study = optuna.load_study(

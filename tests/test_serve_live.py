@@ -185,13 +185,6 @@ def test_the_command_lines_limits_hold_for_every_request(server_url):
         assert "at most 500" in json.loads(refused.value.read())["error"]
 
 
-def test_listening_beyond_loopback_warns(served_runs):
-    process, _ = start_server(served_runs, "--host", "0.0.0.0")
-    os.killpg(process.pid, signal.SIGTERM)
-    _, err = process.communicate(timeout=30)
-    assert "anyone who can reach this machine can use the page" in err
-
-
 def test_ctrl_c_stops_the_server_while_a_client_streams(served_runs):
     process, url = start_server(served_runs, "--max-new-tokens", "100000")
     request = urllib.request.Request(
@@ -206,13 +199,15 @@ def test_ctrl_c_stops_the_server_while_a_client_streams(served_runs):
     assert err.strip().endswith("stopped")
 
 
-def test_ctrl_c_twice_ends_the_server_at_once_without_a_traceback(served_runs):
-    process, url = start_server(served_runs)
+def test_beyond_loopback_it_warns_and_ctrl_c_twice_ends_it_at_once_without_a_traceback(
+        served_runs):
+    process, url = start_server(served_runs, "--host", "0.0.0.0")  # loopback included
     get_json(f"{url}/health")
     process.send_signal(signal.SIGINT)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 0 and "Traceback" not in err, err
+    assert "anyone who can reach this machine can use the page" in err
 
 
 # --- the page in a real browser --------------------------------------------------------------
