@@ -1,7 +1,8 @@
 """See what a trained model thinks: a local page that streams samples with each character's
 odds, scores any text character by character, and compares two runs on one prompt.
 
-Usage: python serve.py [--run latest] [--runs-dir runs] [--host 127.0.0.1] [--port 8000]
+Usage: python serve.py [--run latest] [--checkpoint export] [--runs-dir runs] [--host 127.0.0.1]
+                       [--port 8000]
 
 The page is served from static/ (no CDN: it works offline). The API under it, JSON in and out:
     GET  /health         the server is up: the runs folder, the models loaded, the generations
@@ -17,7 +18,8 @@ The page is served from static/ (no CDN: it works offline). The API under it, JS
                          the characters inference.py gives on the same device.
     POST /api/score      {"run", "checkpoint", "text"}: each character's surprise in bits and
                          the text's bits per character
-A bad request is answered 4xx with {"error": "<the line the command line prints>"}.
+A bad request is answered 4xx with {"error": "<the line the command line prints>"}; a model
+that does not fit in memory, 503 with the same kind of line.
 """
 
 from __future__ import annotations
@@ -48,14 +50,15 @@ from utils import console
 from utils.config_loader import ArgumentParser
 from utils.device import resolve_device
 from utils.errors import USER_ERRORS, UserError
-from utils.run_catalog import LATEST, RunCatalog
+from utils.run_catalog import EXPORT, LATEST, RunCatalog
 from utils.serving import (
     GenerationRequest,
     Limits,
     ModelCache,
     ScoreRequest,
+    check_score_length,
     generation_events,
-    prepare_generation,
+    prepare_prompt,
     score_text,
 )
 
@@ -73,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--run", default=LATEST,
         help="the run the page opens on: a folder name under --runs-dir, or 'latest' for the "
-             "newest run with an export (default: latest)")
+             "newest run with the checkpoint asked for (default: latest)")
+    add("--checkpoint", metavar="NAME", default=EXPORT,
+        help="what the page opens on: the run's final export, or a training checkpoint (last, "
+             "best or step_N) of a run still training (default: export)")
     add("--runs-dir", type=Path, default=Path("runs"),
         help="the runs the page lists and serves; only runs inside it (default: runs)")
     add("--host", default=LOOPBACK,
@@ -91,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the most characters one generation may ask for (default: "
              f"{Limits.max_new_tokens})")
     add("--max-score-chars", type=int, default=Limits.max_score_chars,
-        help=f"the longest text one score may ask for (default: {Limits.max_score_chars})")
+        help=f"the longest text one score, or one prompt, may ask for (default: "
+             f"{Limits.max_score_chars})")
     return parser
 
 
@@ -117,18 +124,27 @@ class ActiveGenerations:
                 yield json_line(event)
         except USER_ERRORS as error:  # after the stream began: the last line says why
             yield json_line({"type": "error", "error": str(error)})
+        except (MemoryError, RuntimeError) as error:
+            if not console.is_out_of_memory(error):
+                raise
+            yield json_line({"type": "error", "error": OUT_OF_MEMORY})
         finally:
             with self._lock:
                 self.count -= 1
+
+
+OUT_OF_MEMORY = ("out of memory: the model, its prompt and the generations running now do not "
+                 "fit; ask for fewer characters, or start serve.py with a lower --max-loaded")
 
 
 def json_line(event: dict[str, Any]) -> str:
     return json.dumps(event, ensure_ascii=False) + "\n"
 
 
-def create_app(catalog: RunCatalog, cache: ModelCache, limits: Limits,
-               default_run: str) -> FastAPI:
-    """The page and its API over the runs of catalog."""
+def create_app(catalog: RunCatalog, cache: ModelCache, limits: Limits, default_run: str,
+               default_checkpoint: str = EXPORT) -> FastAPI:
+    """The page and its API over the runs of catalog; the page opens on the default run and
+    checkpoint."""
     app = FastAPI(title="chargpt", docs_url=None, redoc_url=None, openapi_url=None)
     active = app.state.generations = ActiveGenerations()
 
@@ -137,6 +153,14 @@ def create_app(catalog: RunCatalog, cache: ModelCache, limits: Limits,
 
     for error_type in USER_ERRORS:  # UserError, and the core's own (a corrupt tokenizer...)
         app.add_exception_handler(error_type, user_error)
+
+    @app.exception_handler(RuntimeError)
+    async def out_of_memory(_: Request, error: Exception) -> JSONResponse:
+        if not console.is_out_of_memory(error):
+            raise error
+        return JSONResponse({"error": OUT_OF_MEMORY}, status_code=503)
+
+    app.add_exception_handler(MemoryError, out_of_memory)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -155,13 +179,14 @@ def create_app(catalog: RunCatalog, cache: ModelCache, limits: Limits,
 
     @app.get("/api/runs")
     def runs() -> dict[str, Any]:
-        return {"default": default_run, "runs": [vars(s) for s in catalog.summaries()]}
+        return {"default": default_run, "default_checkpoint": default_checkpoint,
+                "runs": [vars(s) for s in catalog.summaries()]}
 
     @app.post("/api/generate")
     async def generate(request: GenerationRequest) -> StreamingResponse:
+        sampling = request.sampling(limits)  # refused before any model is loaded for it
         loaded = await run_in_threadpool(cache.get, request.run, request.checkpoint)
-        sampling, prompt_ids, seed = await run_in_threadpool(prepare_generation, loaded, request,
-                                                             limits)
+        prompt_ids, seed = await run_in_threadpool(prepare_prompt, loaded, request)
         events = generation_events(loaded, request, sampling, prompt_ids, seed)
         # a plain iterator: Starlette draws each line in a worker thread, off the event loop,
         # and stops drawing (and closes it) when the client goes away
@@ -169,6 +194,7 @@ def create_app(catalog: RunCatalog, cache: ModelCache, limits: Limits,
 
     @app.post("/api/score")
     def score(request: ScoreRequest) -> dict[str, Any]:
+        check_score_length(request.text, limits)  # refused before any model is loaded for it
         return score_text(cache.get(request.run, request.checkpoint), request.text, limits)
 
     @app.get("/")
@@ -202,16 +228,20 @@ def describe_invalid(error: RequestValidationError, fields: set[str]) -> str:
                 "list": "a list of strings", "model": "a JSON object"}
     for prefix, words in expected.items():
         if kind.startswith(prefix):
-            got = repr(problem.get("input"))
+            got = json.dumps(problem.get("input"), ensure_ascii=False, default=str)  # as sent
             return (f"argument --{name.replace('_', '-')}: expected {words}, got "
                     f"{got if len(got) <= 60 else got[:57] + '...'}")
     return f"argument --{name.replace('_', '-')}: {problem.get('msg', 'invalid')}"
 
 
-def open_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port, or a UserError saying why not."""
+def check_port(port: int) -> None:
     if not 0 <= port < 65536:
         raise UserError(f"--port must be in [0, 65535] (0 = any free port), got {port}")
+
+
+def open_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, or a UserError saying why not."""
+    check_port(port)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -225,8 +255,9 @@ def open_socket(host: str, port: int) -> socket.socket:
     except OSError as error:
         sock.close()
         if error.errno == errno.EADDRINUSE:
+            other = f"{port + 1}" if port < 65535 else "0 (any free port)"
             raise UserError(f"port {port} is in use; pass another with --port, e.g. "
-                            f"--port {port + 1}") from None
+                            f"--port {other}") from None
         raise UserError(f"cannot listen on {host}:{port}: {error.strerror}; pass another "
                         "--host or --port") from None
     return sock
@@ -245,6 +276,7 @@ def serve(argv: Sequence[str]) -> int:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, "
                             f"got {getattr(args, name)}")
+    check_port(args.port)  # before a model loads, which can take a while
     cores = os.cpu_count() or 1
     if not 1 <= args.num_threads <= cores:
         raise UserError(f"--num-threads must be in [1, {cores}] on this machine (its CPU "
@@ -260,16 +292,16 @@ def serve(argv: Sequence[str]) -> int:
     torch.set_num_threads(args.num_threads)
     cache = ModelCache(catalog, device, args.max_loaded)
     # a run that cannot be served is refused before listening
-    first = cache.get(run_name(args.run, args.runs_dir))
+    first = cache.get(run_name(args.run, args.runs_dir), args.checkpoint)
     limits = Limits(args.max_new_tokens, args.max_score_chars)
     with open_socket(args.host, args.port) as sock:
-        app = create_app(catalog, cache, limits, first.run_id)
+        app = create_app(catalog, cache, limits, first.run_id, first.checkpoint)
         if not is_loopback(args.host):
             console.warn(f"listening on {args.host}: anyone who can reach this machine can use "
                          "the page and its API")
         shown_host = ("localhost" if args.host in (LOOPBACK, "0.0.0.0") else
                       f"[{args.host}]" if ":" in args.host else args.host)
-        print(f"serving {first.run_id} and the runs in {args.runs_dir}/ at "
+        print(f"serving {first.run_id} ({first.checkpoint}) and the runs in {args.runs_dir}/ at "
               f"http://{shown_host}:{sock.getsockname()[1]}/ (Ctrl-C stops)", flush=True)
         serve_forever(app, sock)
     return 0

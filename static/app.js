@@ -20,6 +20,10 @@ async function loadRuns() {
     select.value = answer.default;
     select.addEventListener("change", () => showRun(suffix));
     showRun(suffix);
+    const checkpoint = $("checkpoint" + suffix);
+    if ([...checkpoint.options].some((option) => option.value === answer.default_checkpoint)) {
+      checkpoint.value = answer.default_checkpoint; // the one serve.py was started on
+    }
   }
 }
 

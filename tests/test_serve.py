@@ -5,17 +5,21 @@ words."""
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import threading
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
+import serve
 from model import LanguageModel, ModelConfig
 from tests.conftest import PROJECT_ROOT
 from tests.serving_runs import (
     CORPUS,
     TRAINED,
+    app_client,
     cli_text,
     generate,
     generated_text,
@@ -234,7 +238,7 @@ def test_a_bad_generation_request_gets_the_command_lines_words(api_client, serve
     ({"run": TRAINED, "checkpoint": "../../x"}, 400, "is not one a run has"),
     ({"run": TRAINED, "max_new_tokens": 601}, 400, "at most 600 on this server"),
     ({"run": TRAINED, "temperature": "warm"}, 422,
-     "argument --temperature: expected a finite number, got 'warm'"),
+     "argument --temperature: expected a finite number, got \"warm\""),
     ({"run": TRAINED, "max_new_tokens": 2.5}, 422, "argument --max-new-tokens: expected an "
      "integer"),
     ({"run": TRAINED, "stop": "be"}, 422, "argument --stop: expected a list of strings"),
@@ -242,9 +246,9 @@ def test_a_bad_generation_request_gets_the_command_lines_words(api_client, serve
      "unknown field 'temprature'; did you mean 'temperature'?"),
     ({"run": 5}, 422, "argument --run: expected text"),
     ({"run": TRAINED, "temperature": "0.5"}, 422,
-     "argument --temperature: expected a finite number, got '0.5'"),
+     "argument --temperature: expected a finite number, got \"0.5\""),
     ({"run": TRAINED, "max_new_tokens": True}, 422,
-     "argument --max-new-tokens: expected an integer, got True"),
+     "argument --max-new-tokens: expected an integer, got true"),
 ], ids=["unknown-run", "dotdot", "absolute", "checkpoint-path", "over-limit", "not-a-number",
         "not-an-integer", "stop-not-a-list", "misspelt-field", "run-not-text",
         "number-as-text", "true-as-a-number"])
@@ -350,6 +354,79 @@ def test_a_symlink_inside_a_run_out_of_the_runs_folder_is_refused(api_client, se
         assert response.status_code == 400 and "leads out of" in response.json()["error"]
     finally:
         shutil.rmtree(run)
+
+
+def test_a_symlink_loop_in_a_run_is_left_out_and_refused(api_client, served_runs):
+    run = served_runs / "20261205_000000_loop"
+    shutil.copytree(served_runs / TRAINED, run)
+    loop = run / "artifacts" / "checkpoints" / "step_9.safetensors"
+    loop.symlink_to(loop)
+    try:
+        listed = {r["id"]: r for r in api_client.get("/api/runs").json()["runs"]}
+        assert "step_9" not in listed[run.name]["checkpoints"]
+        assert "best" in listed[run.name]["checkpoints"]
+        response = api_client.post("/api/score", json={"run": run.name, "checkpoint": "step_9",
+                                                       "text": "To be"})
+        assert response.status_code == 400 and "leads out of" in response.json()["error"]
+    finally:
+        shutil.rmtree(run)
+
+
+def test_a_bad_request_is_refused_before_its_model_loads(served_runs):
+    other = next(p.name for p in served_runs.iterdir() if p.name != TRAINED)
+    with app_client(served_runs) as client:
+        for path, body in (("/api/generate", {"run": other, "temperature": -1}),
+                           ("/api/generate", {"run": other, "max_new_tokens": 601}),
+                           ("/api/score", {"run": other, "text": "T"})):
+            assert client.post(path, json=body).status_code == 400
+        assert client.get("/health").json()["loaded"] == []
+
+
+def test_a_rewritten_checkpoint_replaces_its_older_version_in_the_cache(served_runs, tmp_path):
+    """A run still training rewrites last: the next request loads the new file, and the old
+    version no longer takes a place among the loaded models."""
+    runs = tmp_path / "runs"
+    shutil.copytree(served_runs / TRAINED, runs / TRAINED)
+    cache = ModelCache(RunCatalog(runs), torch.device("cpu"), capacity=3)
+    first = cache.get(TRAINED, "last")
+    last = runs / TRAINED / "artifacts" / "checkpoints" / "last.safetensors"
+    os.utime(last, ns=(last.stat().st_atime_ns, last.stat().st_mtime_ns + 10**9))
+    assert cache.get(TRAINED, "last") is not first
+    assert cache.loaded() == [f"{TRAINED}:last"]
+
+
+def test_out_of_memory_is_a_503_with_one_line(served_runs, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                           "1099511627776 bytes")
+
+    monkeypatch.setattr(serve, "score_text", no_memory)
+    with app_client(served_runs) as client:
+        response = client.post("/api/score", json={"run": TRAINED, "text": "To be"})
+    assert response.status_code == 503
+    assert response.json() == {"error": serve.OUT_OF_MEMORY}
+
+
+def test_a_run_still_training_is_served_from_a_checkpoint(served_runs, tmp_path, capsys,
+                                                          monkeypatch):
+    """A run without an export yet: refused with the checkpoints it has, by serve.py as by
+    inference.py; with --checkpoint the page opens on it."""
+    runs = tmp_path / "runs"
+    shutil.copytree(served_runs / TRAINED, runs / TRAINED)
+    shutil.rmtree(runs / TRAINED / "artifacts" / "export")
+    words = (f"run {runs / TRAINED} has no export yet (train.py writes it when training ends or "
+             "is stopped with Ctrl-C); load one of its checkpoints meanwhile with --checkpoint "
+             "NAME (best, last, step_2, step_4)")
+    assert serve.main(["--runs-dir", str(runs), "--run", TRAINED]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {words}"
+    assert cli_text(runs, capsys, "--run", str(runs / TRAINED))[2].strip() == f"error: {words}"
+    served = {}
+    monkeypatch.setattr(serve, "serve_forever", lambda app, sock: served.update(app=app))
+    assert serve.main(["--runs-dir", str(runs), "--checkpoint", "last", "--port", "0"]) == 0
+    assert f"serving {TRAINED} (last)" in capsys.readouterr().out
+    with TestClient(served["app"]) as client:
+        answer = client.get("/api/runs").json()
+    assert (answer["default"], answer["default_checkpoint"]) == (TRAINED, "last")
 
 
 def test_the_server_writes_nothing(api_client, served_runs):

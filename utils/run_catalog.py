@@ -1,8 +1,9 @@
 """The runs under a runs folder as serve.py offers them: each named by its folder name alone,
 what it can load (its export and checkpoints), and the row the page's run picker shows.
 
-A name with a path in it is refused, and so is anything a symlink leads out of the runs
-folder. Every refusal is a UserError whose words the server sends back as they are.
+A name with a path in it is refused, and so is a run whose folder, export files or checkpoint
+a symlink leads out of the runs folder. Every refusal is a UserError whose words the server
+sends back as they are.
 
     catalog = RunCatalog(Path("runs"))
     run = catalog.resolve("latest", "best")    # a RunPaths, or a UserError saying why not
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from model import LanguageModel, ModelConfig
-from utils.checkpoint import CHECKPOINT_SUFFIX, WEIGHTS_FILE
+from utils.checkpoint import CHECKPOINT_SUFFIX, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from utils.errors import UserError
 from utils.runs import RunPaths, read_results
 
@@ -49,8 +50,8 @@ class RunSummary:
 
 class RunCatalog:
     """The runs directly under one runs folder, named by their folder name alone. A name with
-    a path in it is refused, and so is anything a symlink leads out of the runs folder: a run
-    folder, or the export or checkpoint inside one."""
+    a path in it is refused, and so is anything a symlink leads out of the runs folder (or
+    round in a loop): a run folder, or the export's files or a checkpoint inside one."""
 
     def __init__(self, runs_dir: Path) -> None:
         self.runs_dir = Path(runs_dir)
@@ -65,7 +66,7 @@ class RunCatalog:
             if folder.is_dir() and RUN_ID.fullmatch(folder.name) and self._inside(folder):
                 run = RunPaths(folder)
                 checkpoints = [name for name in checkpoint_names(run)
-                               if self._inside(weights_path(run, name))]
+                               if self._all_inside(served_files(run, name))]
                 if checkpoints:
                     yield run, checkpoints
 
@@ -94,13 +95,19 @@ class RunCatalog:
         if not folder.is_dir():
             raise UserError(f"no run {run_id!r} in {self.runs_dir}/; GET /api/runs lists them")
         run = RunPaths(folder)
-        if not self._inside(folder) or not self._inside(weights_path(run, checkpoint)):
+        if not self._all_inside([folder, *served_files(run, checkpoint)]):
             raise UserError(f"run {run_id!r} leads out of {self.runs_dir}/; only runs inside "
                             "it are served")
         return run
 
     def _inside(self, path: Path) -> bool:
-        return path.resolve().is_relative_to(self.runs_dir.resolve())
+        try:
+            return path.resolve().is_relative_to(self.runs_dir.resolve())
+        except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+            return False
+
+    def _all_inside(self, paths: list[Path]) -> bool:
+        return all(self._inside(path) for path in paths)
 
 
 def weights_path(run: RunPaths, checkpoint: str) -> Path:
@@ -108,6 +115,13 @@ def weights_path(run: RunPaths, checkpoint: str) -> Path:
     if checkpoint == EXPORT:
         return run.export / WEIGHTS_FILE
     return run.checkpoints / f"{checkpoint}{CHECKPOINT_SUFFIX}"
+
+
+def served_files(run: RunPaths, checkpoint: str) -> list[Path]:
+    """Every file loading a checkpoint name reads: the export's three, or one checkpoint."""
+    if checkpoint == EXPORT:
+        return [run.export / name for name in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)]
+    return [weights_path(run, checkpoint)]
 
 
 def checkpoint_names(run: RunPaths) -> list[str]:

@@ -28,6 +28,7 @@ from tokenizer import CharTokenizer
 from utils.checkpoint import (
     CHECKPOINT_SUFFIX,
     WEIGHTS_FILE,
+    CheckpointError,
     atomic_write_text,
     find_checkpoint,
     load_checkpoint_model,
@@ -250,5 +251,12 @@ def load_run_model(which: str, runs_dir: Path, checkpoint: str | None = None,
     else:
         run = find_run(which, runs_dir, f"artifacts/export/{WEIGHTS_FILE}", "an export")
         source = run.export
+        saved = sorted(p.name.removesuffix(CHECKPOINT_SUFFIX)
+                       for p in run.checkpoints.glob(f"*{CHECKPOINT_SUFFIX}"))
+        if not (source / WEIGHTS_FILE).is_file() and saved:
+            raise CheckpointError(
+                f"run {run.root} has no export yet (train.py writes it when training ends or "
+                f"is stopped with Ctrl-C); load one of its checkpoints meanwhile with "
+                f"--checkpoint NAME ({', '.join(saved)})")
         model, tokenizer = load_export(source, device)
     return SavedModel(run, source, model, tokenizer)

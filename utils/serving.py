@@ -6,8 +6,11 @@ Everything here is plain Python on top of the core and utils/: serve.py puts it 
 Every problem a user can fix is a UserError whose words are the command line's.
 
     catalog = RunCatalog(Path("runs"))
-    loaded = ModelCache(catalog, device, capacity=3).get("20261207_143708_run", "export")
-    for event in generation_events(loaded, GenerationRequest(prompt="ROMEO:"), limits):
+    request = GenerationRequest(run="20261207_143708_run", prompt="ROMEO:")
+    sampling = request.sampling(limits)      # every check that needs no model
+    loaded = ModelCache(catalog, device, capacity=3).get(request.run, request.checkpoint)
+    prompt_ids, seed = prepare_prompt(loaded, request)
+    for event in generation_events(loaded, request, sampling, prompt_ids, seed):
         ...                            # {"type": "start"}, {"type": "char"}..., {"type": "end"}
     scored = score_text(loaded, "To be, or not to be", limits)
 """
@@ -119,6 +122,9 @@ class ModelCache:
             raise
         with self._lock:
             del self._loading[key]
+            # an earlier version of the same file is one no request can ask for any more
+            for older in [k for k in self._models if k[:2] == key[:2]]:
+                del self._models[older]
             self._models[key] = loaded
             while len(self._models) > self.capacity:
                 self._models.popitem(last=False)
@@ -191,15 +197,23 @@ class ScoreRequest(ModelChoice):
     text: str
 
 
-def prepare_generation(loaded: LoadedModel, request: GenerationRequest, limits: Limits
-                       ) -> tuple[SamplingConfig, torch.Tensor, int]:
-    """Every check of a generation, before anything is streamed: the sampling settings, the
-    prompt's ids (1, T) and the seed."""
-    sampling = request.sampling(limits)
+def check_score_length(text: str, limits: Limits) -> None:
+    """The checks of a text to score that need no model."""
+    if len(text) > limits.max_score_chars:
+        raise UserError(f"the text is {len(text):,} characters; this server scores at most "
+                        f"{limits.max_score_chars:,}")
+    if len(text) < 2:
+        raise UserError("the text needs at least two characters: the first is the context of "
+                        "the second")
+
+
+def prepare_prompt(loaded: LoadedModel, request: GenerationRequest) -> tuple[torch.Tensor, int]:
+    """The checks of a generation that need its model, before anything is streamed (those
+    that do not are request.sampling's): the prompt's ids (1, T) and the seed."""
     prompt_ids = torch.tensor([encode_prompt(loaded.tokenizer, request.prompt)],
                               device=loaded.device)
     seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
-    return sampling, prompt_ids, seed
+    return prompt_ids, seed
 
 
 @torch.no_grad()
@@ -274,12 +288,7 @@ def score_text(loaded: LoadedModel, text: str, limits: Limits) -> dict[str, Any]
     the text's bits per character. The first character has nothing before it and is not
     scored. Past the context length, each character is scored with at least half a context of
     characters before it."""
-    if len(text) > limits.max_score_chars:
-        raise UserError(f"the text is {len(text):,} characters; this server scores at most "
-                        f"{limits.max_score_chars:,}")
-    if len(text) < 2:
-        raise UserError("the text needs at least two characters: the first is the context of "
-                        "the second")
+    check_score_length(text, limits)
     try:
         ids = torch.tensor(loaded.tokenizer.encode(text), device=loaded.device)
     except UnknownCharactersError as error:
