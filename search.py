@@ -39,7 +39,7 @@ from utils.config import MAX_SEED, PROJECT_ROOT, USER_FIELDS, Config
 from utils.config_loader import ConfigError, ConfigLoader
 from utils.errors import TrainingFailure, UserError
 from utils.runs import RunPaths, command_line, read_results
-from utils.search_space import SearchSpace, trial_flags
+from utils.search_space import SearchSpace, SearchSpaceError, trial_flags
 from utils.study import (
     BEYOND_CAP,
     check_study_name,
@@ -75,6 +75,7 @@ def search(argv: Sequence[str]) -> int:
     space = SearchSpace.read(args.space)
     check_flags(args, space)
     space.check(lambda values: loader.load(args, values, f"search space {space.path}"))
+    check_trial_command(loader, args, space, fixed_flags)
     check_study_name(args.study)
     runs_dir = Path(base.train.runs_dir)
     url = storage_url(args.storage, runs_dir)
@@ -153,6 +154,23 @@ def check_flags(args: argparse.Namespace, space: SearchSpace) -> None:
                         "keep it in one of them")
 
 
+def check_trial_command(loader: ConfigLoader, args: argparse.Namespace, space: SearchSpace,
+                        fixed_flags: list[str]) -> None:
+    """A trial passes every setting of the space to train.py as a flag, beside the fixed
+    flags: refuse a space whose flags train.py refuses whatever their values (--max-iters
+    beside --time-budget, --wandb-project without --wandb)."""
+    values = space.trial_values()
+    try:
+        loader.load(loader.build_parser().parse_args([*fixed_flags, *trial_flags(values)]))
+    except ConfigError as error:
+        try:
+            loader.load(args, values)
+        except ConfigError:
+            return  # a rule between searched values, which other trials may keep
+        raise SearchSpaceError(f"search space {space.path}: train.py refuses the flags each "
+                               f"trial would pass: {error}") from None
+
+
 def prepare(study: optuna.Study, space: SearchSpace, base: Config, runs_dir: Path) -> None:
     """Trials lost with a killed search end as lost; those and interrupted ones are queued to
     run again; a new study's first trial is the baseline."""
@@ -166,8 +184,8 @@ def prepare(study: optuna.Study, space: SearchSpace, base: Config, runs_dir: Pat
     current = {key: value for section in base.to_dict().values() for key, value in section.items()}
     params, outside = space.baseline(current)
     for key in outside:
-        console.warn(f"the baseline cannot keep {key}={current[key]}: it is not among the "
-                     f"space's choices, so trial 0 samples it")
+        console.warn(f"the baseline cannot keep {key}={current[key]}: the space cannot hold "
+                     "that value, so trial 0 samples it")
     # a second process starting the same new study at once finds this one queued
     study.enqueue_trial(params, user_attrs={"baseline": True}, skip_if_exists=True)
 

@@ -253,6 +253,19 @@ BAD_SPACES = {
     "a duration that is not one": ("time_budget: soon",
                                    "search space space.yaml: time_budget: expected a duration "
                                    "such as 300, 300s or 5m or none, got 'soon'"),
+    "a number YAML reads as text": ("learning_rate: {low: 1e-3, high: 0.01}",
+                                    "learning_rate: low: expected a finite number, got '1e-3' "
+                                    "(YAML reads 1e-3 as text: write it as 0.001)"),
+    "a step that misses high": ("n_layer: {low: 2, high: 7, step: 2}",
+                                "n_layer: step must divide high - low, so that high is a value "
+                                "the range takes (got low=2, high=7, step=2)"),
+    "a fixed value no trial can keep": ("n_head: 3",
+                                        "search space space.yaml: n_embd=16 must be divisible "
+                                        "by n_head=3"),
+    "a flag train.py refuses in every trial": ("wandb_project: mine",
+                                               "search space space.yaml: train.py refuses the "
+                                               "flags each trial would pass: --wandb-project "
+                                               "does nothing while wandb_logging is off"),
 }
 
 
@@ -286,12 +299,19 @@ BAD_FLAGS = {
     "a sampler seed out of range": (["--sampler-seed", "-1"], "--sampler-seed must be in [0, "),
     "someone else's file as the journal": (["--storage", "corpus.txt"],
                                            "--storage corpus.txt is not an Optuna journal"),
+    "a storage in memory": (["--storage", "sqlite:///:memory:"],
+                            "--storage sqlite:///:memory: is a database in memory"),
+    "a length in the space and a flag": (["--time-budget", "60"],
+                                         "train.py refuses the flags each trial would pass: "
+                                         "--max-iters and --time-budget both say how long"),
 }
 
 
 @pytest.mark.parametrize("case", BAD_FLAGS)
 def test_a_bad_flag_is_refused_in_one_line_before_anything_is_made(workdir, capsys, case):
     flags, message = BAD_FLAGS[case]
+    if case == "a length in the space and a flag":
+        (workdir / "space.yaml").write_text("max_iters: {low: 10, high: 20}\n")
     before = sorted(p.name for p in workdir.iterdir())
     with contextlib.chdir(workdir):
         code = search.main(["--study", "s", "--space", "space.yaml", *TINY_TRIAL, *flags])
@@ -321,5 +341,10 @@ def test_the_baseline_keeps_every_current_value_the_space_allows(tmp_path):
     # a range takes the current value even outside it; a list only one of its choices
     assert space.baseline({"learning_rate": 0.003, "schedule": "wsd"}) == (
         {"learning_rate": 0.003}, ["schedule"])
+    # a range cannot hold none (off), nor 0 on a log scale: those are sampled
+    path.write_text("weight_decay: {low: 0.0001, high: 0.1, log: true}\n"
+                    "head_lr: {low: 0.001, high: 0.1}\n")
+    assert SearchSpace.read(path).baseline({"weight_decay": 0.0, "head_lr": None}) == (
+        {}, ["weight_decay", "head_lr"])
     assert trial_flags({"learning_rate": 0.1 + 0.2, "bias": False, "head_lr": None}) == [
         "--learning-rate", "0.30000000000000004", "--no-bias", "--head-lr", "none"]

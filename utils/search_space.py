@@ -9,6 +9,7 @@ distributions Optuna samples.
 
     space = SearchSpace.read(Path("configs/search/recipe.yaml"))
     space.check(lambda values: loader.load(args, values))   # each value against the rules
+    space.trial_values()                                      # one trial's values, all given
     flags = trial_flags({**space.fixed, **trial.params})      # ["--learning-rate", "0.004", ...]
 """
 
@@ -77,18 +78,32 @@ class SearchSpace:
         return [*self.distributions, *self.fixed]
 
     def check(self, load: Callable[[Mapping[str, Any]], object]) -> None:
-        """Each value the space names (a range's ends, every choice, every fixed value) with
-        the other settings as they are, through `load` (a ConfigLoader's): a value that breaks
-        a rule of its own field alone can never make a run. A rule between fields (n_embd
-        divisible by n_head) may hold for other trials, so only those trials fail."""
-        for key, values in self.values_named().items():
-            for value in values:
-                try:
-                    load({key: value})
-                except ConfigError as error:
-                    if set(error.fields) <= {key}:
-                        raise SearchSpaceError(f"search space {self.path}: {key}: {error}") \
-                            from None
+        """The fixed values together, then each value a searched setting names (a range's
+        ends, every choice) with them, through `load` (a ConfigLoader's). Fixed values that
+        break a rule no searched setting takes part in fail every trial, and so does a value
+        that breaks a rule of its own field alone. A rule between fields (n_embd divisible by
+        n_head) may hold for other trials: only the trials that break it fail."""
+        self._check_loads(load, dict(self.fixed), None)
+        for key in self.distributions:
+            for value in self.values_named()[key]:
+                self._check_loads(load, {**self.fixed, key: value}, key)
+
+    def _check_loads(self, load: Callable[[Mapping[str, Any]], object],
+                     values: dict[str, Any], key: str | None) -> None:
+        try:
+            load(values)
+        except ConfigError as error:
+            fatal = (not set(error.fields) & set(self.distributions) if key is None
+                     else set(error.fields) <= {key})
+            if fatal:
+                where = f"search space {self.path}: " + (f"{key}: " if key else "")
+                raise SearchSpaceError(f"{where}{error}") from None
+
+    def trial_values(self) -> dict[str, Any]:
+        """Every setting the space names at one value a trial may take (the fixed values, and
+        each searched one's low end or first choice): each trial passes all of them to
+        train.py as flags."""
+        return {key: values[0] for key, values in self.values_named().items()}
 
     def values_named(self) -> dict[str, list[Any]]:
         named: dict[str, list[Any]] = {key: [value] for key, value in self.fixed.items()}
@@ -108,17 +123,26 @@ class SearchSpace:
         }, sort_keys=True)
 
     def baseline(self, current: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        """The searched settings at their current values, for the first trial, and the keys
-        whose current value is not among the space's choices (those are sampled instead)."""
+        """The searched settings at their current values, for the first trial (a range's even
+        outside it: Optuna takes a trial's fixed value as it is), and the keys whose current
+        value the space cannot hold at all (those are sampled instead)."""
         params, outside = {}, []
         for key, distribution in self.distributions.items():
-            value = current[key]
-            if isinstance(distribution, optuna.distributions.CategoricalDistribution) \
-                    and value not in distribution.choices:
-                outside.append(key)
+            if can_hold(distribution, current[key]):
+                params[key] = current[key]
             else:
-                params[key] = value
+                outside.append(key)
         return params, outside
+
+
+def can_hold(distribution: optuna.distributions.BaseDistribution, value: Any) -> bool:
+    """Whether a trial of the distribution can take the value: one of its choices, or for a
+    range a number (not none, which turns a setting off), above 0 on a log scale."""
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return value in distribution.choices
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return value > 0 or not distribution.log
 
 
 def trial_flags(values: Mapping[str, Any]) -> list[str]:
@@ -148,8 +172,8 @@ def _value(key: str, raw: Any, where: str) -> Any:
     try:
         return coerce(key, raw, from_text=False, source="the search space")
     except ConfigError:
-        raise SearchSpaceError(f"{where}: expected {describe_field(key)}, got {raw!r}") \
-            from None
+        raise SearchSpaceError(f"{where}: expected {describe_field(key)}, got "
+                               f"{raw!r}{yaml_hint(raw)}") from None
 
 
 def _choices(key: str, entry: dict, where: str) -> optuna.distributions.CategoricalDistribution:
@@ -193,6 +217,11 @@ def _range(key: str, entry: dict, where: str) -> optuna.distributions.BaseDistri
         if step <= 0 or log:
             raise SearchSpaceError(f"{where}: step must be > 0, and a log range takes none "
                                    f"(got step={step}, log={str(log).lower()})")
+        steps = (high - low) / step
+        if not math.isclose(steps, round(steps), abs_tol=1e-9):
+            raise SearchSpaceError(f"{where}: step must divide high - low, so that high is a "
+                                   f"value the range takes (got low={low}, high={high}, "
+                                   f"step={step})")
     if kind is int:
         return optuna.distributions.IntDistribution(low, high, log=log, step=step or 1)
     return optuna.distributions.FloatDistribution(low, high, log=log, step=step)
@@ -204,5 +233,20 @@ def _number(key: str, kind: type, raw: Any, where: str) -> int | float:
         ok = ok and isinstance(raw, int)
     if not ok or not math.isfinite(raw):
         expected = "an integer" if kind is int else "a finite number"
-        raise SearchSpaceError(f"{where}: expected {expected}, got {raw!r}")
+        raise SearchSpaceError(f"{where}: expected {expected}, got {raw!r}{yaml_hint(raw)}")
     return kind(raw)
+
+
+def yaml_hint(raw: Any) -> str:
+    """YAML reads 1e-3 (no dot in the mantissa) as text: say so where a number was meant."""
+    if isinstance(raw, str):
+        try:
+            number = float(raw)
+        except ValueError:
+            return ""
+        if math.isfinite(number):
+            written = repr(number)
+            if "e" in written and "." not in written:  # YAML's floats need the dot: 1.0e-05
+                written = written.replace("e", ".0e")
+            return f" (YAML reads {raw} as text: write it as {written})"
+    return ""

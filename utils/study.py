@@ -72,6 +72,9 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                 optuna.storages.journal.JournalFileBackend(url))
         except ValueError as error:  # a journal cut short, or written by something else
             raise StudyError(f"cannot read the study journal {url}: {error}") from None
+    if url in ("sqlite://", "sqlite:///") or url.startswith("sqlite:///:memory:"):
+        raise StudyError(f"--storage {url} is a database in memory, which ends with this "
+                         "process, and a study must outlive it; pass sqlite:///FILE.db")
     if url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///"))
         check_output_folder(path.parent, "--storage's folder")
