@@ -234,8 +234,12 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, args: argparse.Namespace
                                 on_run_folder=lambda run: trial.set_user_attr("run", str(run)))
     seconds = time.perf_counter() - started
     results = read_results(RunPaths(outcome.run)) if outcome.run else None
+    results = results if isinstance(results, dict) else None  # as train.py writes it, or none
     loss = results.get("full_split_val_loss") if results else None
-    if outcome.exit_code == 0 and loss is not None and math.isfinite(loss):
+    # a stop that came after the last step lets the run end as it would have: its score holds
+    steps_done = outcome.exit_code == 0 or (
+        results is not None and not str(results.get("end_reason")).startswith("stopped by"))
+    if steps_done and loss is not None and math.isfinite(loss):
         trial.set_user_attr("bpc", bits_per_character(loss))
         trial.set_user_attr("training_seconds", results["training_seconds"])
         trial.set_user_attr("steps", results["steps"])

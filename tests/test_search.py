@@ -21,6 +21,7 @@ import search
 from tests.conftest import PROJECT_ROOT, run_script
 from utils.search_space import SearchSpace, trial_flags
 from utils.study import StudyError, ended_as, open_study
+from utils.trial_process import ProcessOutcome
 
 # train.py's smallest runs; a trial takes about 3 s, most of it starting Python and torch
 TINY_TRIAL = ["--n-layer", "1", "--n-embd", "16", "--block-size", "16", "--batch-size", "2",
@@ -206,6 +207,29 @@ def test_trials_caps_the_study_over_every_process_that_shares_it(workdir, capsys
     counted = [t for t in study.trials if ended_as(t) in ("complete", "failed")]
     assert len(counted) == 3
     assert all(ended_as(t) == "beyond the cap" for t in study.trials if t not in counted)
+
+
+def test_a_stop_after_the_last_step_keeps_the_trials_score(workdir, capsys, monkeypatch):
+    """Ctrl-C during a trial's final evaluation: train.py ends the run as it would have and
+    exits 130; the trial is complete with the run's score, not run again (a resume of a
+    finished run is refused)."""
+    run = workdir / "runs" / "20261207_000000_s-t0"
+    (run / "meta").mkdir(parents=True)
+    (run / "meta" / "results.json").write_text(json.dumps({
+        "full_split_val_loss": 1.5, "training_seconds": 2.0, "steps": 10,
+        "end_reason": "finished 10 steps"}))
+
+    def stopped_after_the_last_step(command, log, signals, runs_dir, on_run_folder):
+        on_run_folder(run)
+        signals.signal_number = signal.SIGINT  # as Ctrl-C in the terminal records it
+        return ProcessOutcome(exit_code=130, run=run, error=None)
+
+    monkeypatch.setattr(search, "run_train_process", stopped_after_the_last_step)
+    stopped = search_here(workdir, capsys, "--study", "s", "--trials", "2", *TINY_TRIAL,
+                          "--max-iters", "10")
+    assert stopped.returncode == 130
+    (trial,) = load(workdir, "s").trials
+    assert ended_as(trial) == "complete" and trial.value == 1.5
 
 
 def test_a_search_where_no_trial_finishes_ends_with_one_line(workdir, capsys):
