@@ -42,9 +42,11 @@ from utils.runs import RunPaths, command_line, read_results
 from utils.search_space import SearchSpace, SearchSpaceError, trial_flags
 from utils.study import (
     BEYOND_CAP,
+    DUPLICATE,
     check_study_name,
     count_toward_cap,
     ended_as,
+    is_duplicate,
     mark_lost_trials,
     open_storage,
     open_study,
@@ -186,7 +188,8 @@ def prepare(study: optuna.Study, space: SearchSpace, base: Config, runs_dir: Pat
     for key in outside:
         console.warn(f"the baseline cannot keep {key}={current[key]}: the space cannot hold "
                      "that value, so trial 0 samples it")
-    # a second process starting the same new study at once finds this one queued
+    # a second process starting the same new study at the same moment may queue it too: the
+    # trial numbered last ends as a duplicate when it is taken
     study.enqueue_trial(params, user_attrs={"baseline": True}, skip_if_exists=True)
 
 
@@ -196,6 +199,10 @@ def run_trials(study: optuna.Study, args: argparse.Namespace, loader: ConfigLoad
     """Ask for trials and run them until the study holds --trials or a stop signal comes."""
     while not signals.requested and count_toward_cap(study) < args.trials:
         trial = study.ask(space.distributions)
+        if is_duplicate(study, trial):
+            trial.set_user_attr("ended", DUPLICATE)
+            study.tell(trial, state=TrialState.FAIL)
+            continue
         # another process may have asked at the same moment: the trial numbered last loses
         if count_toward_cap(study, below=trial.number) >= args.trials:
             trial.set_user_attr("ended", BEYOND_CAP)

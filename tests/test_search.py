@@ -16,11 +16,20 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 
 import search
 from tests.conftest import PROJECT_ROOT, run_script
 from utils.search_space import SearchSpace, trial_flags
-from utils.study import StudyError, ended_as, open_study
+from utils.study import (
+    DUPLICATE,
+    StudyError,
+    count_toward_cap,
+    ended_as,
+    is_duplicate,
+    open_study,
+    queue_reruns,
+)
 from utils.trial_process import ProcessOutcome
 
 # train.py's smallest runs; a trial takes about 3 s, most of it starting Python and torch
@@ -356,6 +365,31 @@ def test_a_study_refuses_to_continue_with_another_space(tmp_path):
                    sampler)
     # the same space and flags continue it
     open_study("s", storage, "space A", ["--max-iters", "10"], "python search.py A", sampler)
+
+
+def test_a_rerun_queued_by_two_processes_at_once_runs_once(tmp_path):
+    """Two searches continue a study at the same moment, and each queues the interrupted
+    trial's rerun (and each a new study's baseline): the one numbered lowest runs, the other
+    ends as a duplicate, counted toward nothing and never run again."""
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "study.journal")))
+    study = optuna.create_study(study_name="s", storage=storage)
+    for _ in range(2):  # both processes found no baseline queued
+        study.enqueue_trial({"x": 1.0}, user_attrs={"baseline": True})
+    first, second = study.ask(), study.ask()
+    assert not is_duplicate(study, first) and is_duplicate(study, second)
+    first.set_user_attr("ended", "interrupted")
+    study.tell(first, state=TrialState.FAIL)
+    second.set_user_attr("ended", DUPLICATE)
+    study.tell(second, state=TrialState.FAIL)
+    for _ in range(2):  # both processes read the trials before either queued the rerun
+        study.enqueue_trial({"x": 1.0}, user_attrs={"rerun_of": first.number, "baseline": True})
+    rerun, again = study.ask(), study.ask()
+    assert not is_duplicate(study, rerun) and is_duplicate(study, again)
+    again.set_user_attr("ended", DUPLICATE)
+    study.tell(again, state=TrialState.FAIL)
+    assert count_toward_cap(study) == 1  # the rerun alone
+    assert queue_reruns(study, tmp_path) == []  # nothing more to run again
 
 
 def test_the_baseline_keeps_every_current_value_the_space_allows(tmp_path):

@@ -32,6 +32,7 @@ from utils.output_paths import check_output_folder
 SEARCH_FOLDER = "search"  # under the runs folder: the default storage and the trials' logs
 RERUN_ENDS = ("interrupted", "lost")
 BEYOND_CAP = "beyond the cap"
+DUPLICATE = "a duplicate"  # queued twice by two processes continuing the study at once
 
 
 class StudyError(UserError):
@@ -143,7 +144,7 @@ def counted(trial: FrozenTrial) -> bool:
     nor one that started when the cap was already reached. A queued trial counts once a
     process takes it."""
     return (trial.state != TrialState.WAITING
-            and ended_as(trial) not in (*RERUN_ENDS, BEYOND_CAP))
+            and ended_as(trial) not in (*RERUN_ENDS, BEYOND_CAP, DUPLICATE))
 
 
 def count_toward_cap(study: optuna.Study, below: int | None = None) -> int:
@@ -182,6 +183,23 @@ def queue_reruns(study: optuna.Study, runs_dir: Path) -> list[int]:
             attrs["run"] = str(run)
         study.enqueue_trial(trial.params, user_attrs=attrs)
     return [t.number for t in reruns]
+
+
+def is_duplicate(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """Whether a trial numbered lower was queued for the same purpose: the rerun of the same
+    trial, or the baseline. Two processes that continue (or start) a study at the same moment
+    can each queue it, since reading the trials and queueing one is not one step; the trial
+    numbered lowest runs, the others end as duplicates."""
+    attrs = trial.user_attrs
+    if "rerun_of" in attrs:
+        same = [t for t in study.get_trials(deepcopy=False)
+                if t.user_attrs.get("rerun_of") == attrs["rerun_of"]]
+    elif attrs.get("baseline"):
+        same = [t for t in study.get_trials(deepcopy=False)
+                if t.user_attrs.get("baseline") and "rerun_of" not in t.user_attrs]
+    else:
+        return False
+    return any(t.number < trial.number for t in same)
 
 
 def trial_run_tag(study: str, number: int) -> str:
