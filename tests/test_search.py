@@ -30,7 +30,7 @@ from utils.study import (
     open_study,
     queue_reruns,
 )
-from utils.trial_process import ProcessOutcome
+from utils.trial_process import ProcessOutcome, StopSignals, run_train_process
 
 # train.py's smallest runs; a trial takes about 3 s, most of it starting Python and torch
 TINY_TRIAL = ["--n-layer", "1", "--n-embd", "16", "--block-size", "16", "--batch-size", "2",
@@ -239,6 +239,15 @@ def test_a_stop_after_the_last_step_keeps_the_trials_score(workdir, capsys, monk
     assert stopped.returncode == 130
     (trial,) = load(workdir, "s").trials
     assert ended_as(trial) == "complete" and trial.value == 1.5
+
+
+def test_a_stop_before_a_trial_starts_starts_nothing(tmp_path):
+    signals = StopSignals()
+    signals.signal_number = signal.SIGINT  # Ctrl-C between choosing the trial and starting it
+    log = tmp_path / "t0.log"
+    outcome = run_train_process([sys.executable, "-c", "raise SystemExit(3)"], log, signals,
+                                tmp_path)
+    assert outcome == ProcessOutcome(130, None, None) and not log.exists()
 
 
 def test_a_search_where_no_trial_finishes_ends_with_one_line(workdir, capsys):

@@ -57,11 +57,15 @@ def run_train_process(command: Sequence[str], log_path: Path, signals: StopSigna
     as soon as the run folder is known."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     run = None
+    if signals.requested:  # a stop came after the search chose this trial: it never starts
+        return ProcessOutcome(signals.exit_code, None, None)
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True,
                                    preexec_fn=_stop_with_parent)
         signals.process = process
+        if signals.requested:  # it came while the process started: pass it on now
+            process.send_signal(signals.signal_number)
         try:
             while True:
                 try:
