@@ -7,9 +7,10 @@ and steps, and the host and process that ran it. An interrupted trial (Ctrl-C) a
 (its search process was killed) are run again when the study continues, resuming their run
 folder where it has a checkpoint: they do not count toward --trials, their second run does.
 
-    study = open_study("lr", storage_url("", Path("runs")), space.describe(), flags, command)
+    storage = open_storage(storage_url(None, Path("runs")))
+    study = open_study("lr", storage, space.describe(), flags, command, sampler)
     mark_lost_trials(study)
-    queue_reruns(study)
+    queue_reruns(study, Path("runs"))
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ search, which passes it on exactly once; on Linux it also gets SIGTERM if the se
 a killed search leaves no trial training on its own.
 
     with StopSignals() as signals:
-        outcome = run_train_process(command, log_path, signals, on_run_folder=print)
+        outcome = run_train_process(command, log_path, signals, runs_dir, on_run_folder=print)
 """
 
 from __future__ import annotations
