@@ -27,8 +27,10 @@ from utils.study import (
     count_toward_cap,
     ended_as,
     is_duplicate,
+    mark_lost_trials,
     open_study,
     queue_reruns,
+    this_process,
 )
 from utils.trial_process import ProcessOutcome, StopSignals, run_train_process
 
@@ -399,6 +401,20 @@ def test_a_rerun_queued_by_two_processes_at_once_runs_once(tmp_path):
     study.tell(again, state=TrialState.FAIL)
     assert count_toward_cap(study) == 1  # the rerun alone
     assert queue_reruns(study, tmp_path) == []  # nothing more to run again
+
+
+def test_a_trial_left_running_with_this_processs_own_pid_is_lost(tmp_path):
+    """A container restarted with the same pid: a running trial recorded with this process's
+    pid was left by the process before it. One whose process lives is left alone."""
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "study.journal")))
+    study = optuna.create_study(study_name="s", storage=storage)
+    mine, alive = study.ask(), study.ask()
+    for trial, pid in ((mine, os.getpid()), (alive, os.getppid())):
+        for key, value in {**this_process(), "pid": pid}.items():
+            trial.set_user_attr(key, value)
+    assert mark_lost_trials(study) == [mine.number]
+    assert [ended_as(t) for t in study.trials] == ["lost", "running"]
 
 
 def test_the_baseline_keeps_every_current_value_the_space_allows(tmp_path):

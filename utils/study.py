@@ -156,12 +156,15 @@ def count_toward_cap(study: optuna.Study, below: int | None = None) -> int:
 
 def mark_lost_trials(study: optuna.Study) -> list[int]:
     """Running trials of this host whose search process is gone (killed) end as lost, to be
-    run again; a running trial of another host may be alive and is left alone."""
+    run again; a running trial of another host may be alive and is left alone. Called before
+    this process runs a trial: one recorded with this process's own pid was left by an
+    earlier process that had it (a container restarted with the same pid)."""
     lost = []
     host = socket.gethostname()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = trial.user_attrs
-        if attrs.get("host") == host and not process_alive(attrs.get("pid", -1)):
+        pid = attrs.get("pid", -1)
+        if attrs.get("host") == host and (pid == os.getpid() or not process_alive(pid)):
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             lost.append(trial.number)
     return lost
