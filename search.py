@@ -238,7 +238,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, args: argparse.Namespace
                  + (f", resuming {resumed}" if resumed else "") + f" (log: {log})")
     started = time.perf_counter()
     outcome = run_train_process(command, log, signals, runs_dir,
-                                on_run_folder=lambda run: trial.set_user_attr("run", str(run)))
+                                on_run_folder=lambda run: trial.set_user_attr("run", str(run)),
+                                on_alive=lambda: trial.set_user_attr("alive_at", time.time()))
     seconds = time.perf_counter() - started
     results = read_results(RunPaths(outcome.run)) if outcome.run else None
     results = results if isinstance(results, dict) else None  # as train.py writes it, or none

@@ -20,9 +20,11 @@ from optuna.trial import TrialState
 
 import search
 from tests.conftest import PROJECT_ROOT, run_script
+from utils import trial_process
 from utils.search_space import SearchSpace, trial_flags
 from utils.study import (
     DUPLICATE,
+    STALE_SECONDS,
     StudyError,
     count_toward_cap,
     ended_as,
@@ -415,6 +417,30 @@ def test_a_trial_left_running_with_this_processs_own_pid_is_lost(tmp_path):
             trial.set_user_attr(key, value)
     assert mark_lost_trials(study) == [mine.number]
     assert [ended_as(t) for t in study.trials] == ["lost", "running"]
+
+
+def test_a_trial_of_another_machine_silent_for_long_is_lost(tmp_path):
+    """A search on another machine says every minute that its trial runs; killed, it says
+    nothing more, and a search that continues the study later takes the trial for lost."""
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "study.journal")))
+    study = optuna.create_study(study_name="s", storage=storage)
+    silent, recent, new = study.ask(), study.ask(), study.ask()
+    for trial in (silent, recent, new):
+        trial.set_user_attr("host", "elsewhere")
+        trial.set_user_attr("pid", os.getpid())  # a pid of that machine, not of this one
+    silent.set_user_attr("alive_at", time.time() - STALE_SECONDS - 60)
+    recent.set_user_attr("alive_at", time.time() - 60)
+    assert mark_lost_trials(study) == [silent.number]  # the new one started just now
+
+
+def test_a_running_trial_says_it_is_alive_while_its_process_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(trial_process, "ALIVE_SECONDS", 0.0)
+    said = []
+    outcome = run_train_process([sys.executable, "-c", "import time; time.sleep(1.5)"],
+                                tmp_path / "t0.log", StopSignals(), tmp_path,
+                                on_alive=lambda: said.append(time.monotonic()))
+    assert outcome.exit_code == 0 and len(said) >= 1
 
 
 def test_the_baseline_keeps_every_current_value_the_space_allows(tmp_path):

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,11 @@ from utils.output_paths import check_output_folder
 SEARCH_FOLDER = "search"  # under the runs folder: the default storage and the trials' logs
 RERUN_ENDS = ("interrupted", "lost")
 BEYOND_CAP = "beyond the cap"
+# a running trial's search writes "alive_at" (seconds since the epoch) every ALIVE_SECONDS
+# (utils/trial_process.py); one silent this long, on any machine, was left by a search that
+# is gone. Far longer than the interval: machines' clocks differ a little, and a storage can
+# be slow to answer
+STALE_SECONDS = 15 * 60
 DUPLICATE = "a duplicate"  # queued twice by two processes continuing the study at once
 
 
@@ -155,16 +161,19 @@ def count_toward_cap(study: optuna.Study, below: int | None = None) -> int:
 
 
 def mark_lost_trials(study: optuna.Study) -> list[int]:
-    """Running trials of this host whose search process is gone (killed) end as lost, to be
-    run again; a running trial of another host may be alive and is left alone. Called before
-    this process runs a trial: one recorded with this process's own pid was left by an
-    earlier process that had it (a container restarted with the same pid)."""
+    """Running trials whose search process is gone (killed) end as lost, to be run again: on
+    this host, those whose process no longer exists; on any host, those silent for
+    STALE_SECONDS. Called before this process runs a trial: one recorded with this process's
+    own pid was left by an earlier process that had it (a container restarted with the same
+    pid)."""
     lost = []
     host = socket.gethostname()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = trial.user_attrs
         pid = attrs.get("pid", -1)
-        if attrs.get("host") == host and (pid == os.getpid() or not process_alive(pid)):
+        gone = (pid == os.getpid() or not process_alive(pid)) if attrs.get("host") == host \
+            else silent_for(trial) > STALE_SECONDS
+        if gone:
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             lost.append(trial.number)
     return lost
@@ -217,6 +226,15 @@ def trial_run_folder(runs_dir: Path, study: str, number: int) -> Path | None:
     found = [p for p in Path(runs_dir).glob(f"*_{tag}*")
              if re.fullmatch(rf"\d{{8}}_\d{{6}}_{re.escape(tag)}(_\d+)?", p.name)]
     return max(found, key=lambda p: p.name, default=None)
+
+
+def silent_for(trial: FrozenTrial) -> float:
+    """Seconds since the trial last said it was alive (or started, if it never said so)."""
+    said = trial.user_attrs.get("alive_at")
+    if not isinstance(said, (int, float)):
+        started = trial.datetime_start
+        said = started.timestamp() if started is not None else 0.0
+    return time.time() - said
 
 
 def process_alive(pid: int) -> bool:

@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from utils.interrupts import CaughtSignals
 # train.py's first line about its run: "run <id> at step 0: ..." or "resuming <id> at step N"
 RUN_LINE = re.compile(r"^(?:run|resuming) (\S+) at step \d+:", re.MULTILINE)
 POLL_SECONDS = 1.0  # how often the log is read for the run folder while the process runs
+ALIVE_SECONDS = 60.0  # how often a running trial says so in the study (utils/study.py)
 PR_SET_PDEATHSIG = 1
 
 
@@ -52,9 +54,10 @@ class ProcessOutcome:
 
 def run_train_process(command: Sequence[str], log_path: Path, signals: StopSignals,
                       runs_dir: Path,
-                      on_run_folder: Callable[[Path], None] | None = None) -> ProcessOutcome:
+                      on_run_folder: Callable[[Path], None] | None = None,
+                      on_alive: Callable[[], None] | None = None) -> ProcessOutcome:
     """Run the command to its end with its output in log_path; on_run_folder is called once,
-    as soon as the run folder is known."""
+    as soon as the run folder is known, and on_alive every ALIVE_SECONDS while it runs."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     run = None
     if signals.requested:  # a stop came after the search chose this trial: it never starts
@@ -66,13 +69,16 @@ def run_train_process(command: Sequence[str], log_path: Path, signals: StopSigna
         signals.process = process
         if signals.requested:  # it came while the process started: pass it on now
             process.send_signal(signals.signal_number)
+        said_alive = time.monotonic()
         try:
             while True:
                 try:
                     process.wait(timeout=POLL_SECONDS)
                     break
                 except subprocess.TimeoutExpired:
-                    pass
+                    if on_alive is not None and time.monotonic() - said_alive >= ALIVE_SECONDS:
+                        on_alive()
+                        said_alive = time.monotonic()
                 finally:
                     if run is None:
                         run = _run_folder(log_path, runs_dir)
