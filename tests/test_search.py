@@ -232,7 +232,7 @@ def test_a_stop_after_the_last_step_keeps_the_trials_score(workdir, capsys, monk
         "full_split_val_loss": 1.5, "training_seconds": 2.0, "steps": 10,
         "end_reason": "finished 10 steps"}))
 
-    def stopped_after_the_last_step(command, log, signals, runs_dir, on_run_folder):
+    def stopped_after_the_last_step(command, log, signals, runs_dir, on_run_folder, on_alive):
         on_run_folder(run)
         signals.signal_number = signal.SIGINT  # as Ctrl-C in the terminal records it
         return ProcessOutcome(exit_code=130, run=run, error=None)
