@@ -17,6 +17,7 @@ Every problem a user can fix is a UserError whose words are the command line's.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 import threading
@@ -81,8 +82,9 @@ class ModelCache:
     waiting for a load. A model evicted while a generation still uses it lives on until that
     generation ends.
 
-    Generations take turns: each step holds one lock shared by every model, so the steps of
-    several clients run one after another instead of all at once fighting over the cores and
+    Generations and scores take turns: each generation step, and each window of a scored
+    text, holds one lock shared by every model, so the work of several clients runs one
+    piece after another instead of all at once fighting over the cores and
     Python's GIL, which is several times slower in all (BENCHMARKS.md, serve.py under
     load)."""
 
@@ -294,7 +296,7 @@ def score_text(loaded: LoadedModel, text: str, limits: Limits) -> dict[str, Any]
     except UnknownCharactersError as error:
         raise UserError(f"the text has {error}; the model knows only the characters of its "
                         "training text") from None
-    log_probs = next_char_log_probs(loaded.model, ids)  # (len - 1, vocab)
+    log_probs = next_char_log_probs(loaded.model, ids, loaded.turns)  # (len - 1, vocab)
     surprise = -log_probs.gather(1, ids[1:, None])[:, 0] * BITS_PER_NAT
     probs = log_probs.exp()
     chars = [{"text": text[0], "bits": None}]
@@ -308,10 +310,11 @@ def score_text(loaded: LoadedModel, text: str, limits: Limits) -> dict[str, Any]
             "loss": round(mean_bits / BITS_PER_NAT, 6)}
 
 
-def next_char_log_probs(model: LanguageModel, ids: torch.Tensor) -> torch.Tensor:
+def next_char_log_probs(model: LanguageModel, ids: torch.Tensor,
+                        turns: threading.Lock | None = None) -> torch.Tensor:
     """log p(ids[i] | ids[:i]) over the vocabulary for i = 1..len-1: (len - 1, vocab). Windows
     of block_size characters advance by half a window, and each keeps only the predictions
-    the one before it did not make."""
+    the one before it did not make; each window's forward holds `turns`, if given."""
     block_size = model.config.block_size
     stride = max(1, block_size - block_size // 2)
     inputs = ids[:-1]
@@ -320,7 +323,8 @@ def next_char_log_probs(model: LanguageModel, ids: torch.Tensor) -> torch.Tensor
     start = 0
     while done < inputs.numel():
         window = inputs[start:start + block_size]
-        logits, _ = model(window[None])
+        with turns or contextlib.nullcontext():
+            logits, _ = model(window[None])
         rows.append(F.log_softmax(logits[0].float(), dim=-1)[done - start:])
         done = start + window.numel()
         start += stride
