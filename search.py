@@ -43,6 +43,7 @@ from utils.search_space import SearchSpace, SearchSpaceError, trial_flags
 from utils.study import (
     BEYOND_CAP,
     DUPLICATE,
+    ORPHAN_WAIT_SECONDS,
     check_study_name,
     count_toward_cap,
     ended_as,
@@ -55,6 +56,8 @@ from utils.study import (
     storage_url,
     this_process,
     trial_run_tag,
+    trials_training_alone,
+    wait_for_trials_alone,
 )
 from utils.training import bits_per_character
 from utils.trial_process import StopSignals, run_train_process
@@ -176,8 +179,16 @@ def check_trial_command(loader: ConfigLoader, args: argparse.Namespace, space: S
 def prepare(study: optuna.Study, space: SearchSpace, base: Config, runs_dir: Path) -> None:
     """Trials lost with a killed search end as lost; those and interrupted ones are queued to
     run again; a new study's first trial is the baseline."""
+    alone = trials_training_alone(study)
+    if alone:
+        console.info(f"trial {', '.join(map(str, alone))}: train.py still runs though its "
+                     f"search is gone; waiting up to {ORPHAN_WAIT_SECONDS} s for it to stop")
+        wait_for_trials_alone(study)
     for number in mark_lost_trials(study):
         console.warn(f"trial {number} was left running by a search that is gone: it runs again")
+    for number in trials_training_alone(study):
+        console.warn(f"trial {number}'s train.py still runs though its search is gone: it is "
+                     "left alone; continue the study once it has stopped")
     for number in queue_reruns(study, runs_dir):
         console.info(f"trial {number} did not finish: it runs again first, resumed from its "
                      "run folder where it has a checkpoint")
@@ -228,6 +239,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, args: argparse.Namespace
     if resumed and not (RunPaths(Path(resumed)).checkpoints
                         / f"last{CHECKPOINT_SUFFIX}").is_file():
         resumed = None
+    # a lost trial's train.py may have ended its run after its search was gone
+    if resumed and (results := scored_results(Path(resumed), exit_code=None)):
+        return complete(study, trial, results, seconds=None, run=Path(resumed))
     if resumed:
         command = [sys.executable, str(TRAIN_SCRIPT), "--resume", resumed]
     else:
@@ -239,25 +253,42 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, args: argparse.Namespace
     started = time.perf_counter()
     outcome = run_train_process(command, log, signals, runs_dir,
                                 on_run_folder=lambda run: trial.set_user_attr("run", str(run)),
-                                on_alive=lambda: trial.set_user_attr("alive_at", time.time()))
+                                on_alive=lambda: trial.set_user_attr("alive_at", time.time()),
+                                on_start=lambda pid: trial.set_user_attr("train_pid", pid))
     seconds = time.perf_counter() - started
-    results = read_results(RunPaths(outcome.run)) if outcome.run else None
-    results = results if isinstance(results, dict) else None  # as train.py writes it, or none
-    loss = results.get("full_split_val_loss") if results else None
-    # a stop that came after the last step lets the run end as it would have: its score holds
-    steps_done = outcome.exit_code == 0 or (
-        results is not None and not str(results.get("end_reason")).startswith("stopped by"))
-    if steps_done and loss is not None and math.isfinite(loss):
-        trial.set_user_attr("bpc", bits_per_character(loss))
-        trial.set_user_attr("training_seconds", results["training_seconds"])
-        trial.set_user_attr("steps", results["steps"])
-        return finish(study, trial, "complete", value=loss, seconds=seconds, run=outcome.run)
+    if results := scored_results(outcome.run, outcome.exit_code):
+        return complete(study, trial, results, seconds, outcome.run)
     if signals.requested:
         return finish(study, trial, "interrupted", seconds=seconds, run=outcome.run)
+    results = read_results(RunPaths(outcome.run)) if outcome.run else None
     error = outcome.error or (f"the run ended without a full-split val loss "
-                              f"({results['end_reason']})" if results else
+                              f"({results.get('end_reason')})" if isinstance(results, dict) else
                               f"train.py ended with exit code {outcome.exit_code}; see its log")
     finish(study, trial, "failed", error=error, seconds=seconds, run=outcome.run)
+
+
+def scored_results(run: Path | None, exit_code: int | None) -> dict[str, Any] | None:
+    """The run's results.json if the run took all its steps and scored itself, else None. A
+    stop that came after the last step (exit 130 or 143) let the run end as it would have,
+    so its score holds; exit_code None: the process is not ours to know (a lost trial's)."""
+    results = read_results(RunPaths(run)) if run else None
+    if not isinstance(results, dict):
+        return None
+    loss = results.get("full_split_val_loss")
+    steps_done = exit_code == 0 or not str(results.get("end_reason")).startswith("stopped by")
+    if (steps_done and isinstance(loss, (int, float)) and math.isfinite(loss)
+            and "training_seconds" in results and "steps" in results):
+        return results
+    return None
+
+
+def complete(study: optuna.Study, trial: optuna.Trial, results: dict[str, Any],
+             seconds: float | None, run: Path) -> None:
+    loss = results["full_split_val_loss"]
+    trial.set_user_attr("bpc", bits_per_character(loss))
+    trial.set_user_attr("training_seconds", results["training_seconds"])
+    trial.set_user_attr("steps", results["steps"])
+    finish(study, trial, "complete", value=loss, seconds=seconds, run=run)
 
 
 def finish(study: optuna.Study, trial: optuna.Trial, ended: str, value: float | None = None,

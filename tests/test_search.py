@@ -33,6 +33,8 @@ from utils.study import (
     open_study,
     queue_reruns,
     this_process,
+    trials_training_alone,
+    wait_for_trials_alone,
 )
 from utils.trial_process import ProcessOutcome, StopSignals, run_train_process
 
@@ -232,7 +234,7 @@ def test_a_stop_after_the_last_step_keeps_the_trials_score(workdir, capsys, monk
         "full_split_val_loss": 1.5, "training_seconds": 2.0, "steps": 10,
         "end_reason": "finished 10 steps"}))
 
-    def stopped_after_the_last_step(command, log, signals, runs_dir, on_run_folder, on_alive):
+    def stopped_after_the_last_step(command, log, signals, runs_dir, on_run_folder, **_):
         on_run_folder(run)
         signals.signal_number = signal.SIGINT  # as Ctrl-C in the terminal records it
         return ProcessOutcome(exit_code=130, run=run, error=None)
@@ -417,6 +419,51 @@ def test_a_trial_left_running_with_this_processs_own_pid_is_lost(tmp_path):
             trial.set_user_attr(key, value)
     assert mark_lost_trials(study) == [mine.number]
     assert [ended_as(t) for t in study.trials] == ["lost", "running"]
+
+
+def test_a_trial_whose_train_py_outlives_its_search_waits_for_it(tmp_path):
+    """The search was killed; its trial's train.py still checkpoints (Linux sent it SIGTERM).
+    Until that process ends, the trial is not lost: its run folder is not resumed under it."""
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "study.journal")))
+    study = optuna.create_study(study_name="s", storage=storage)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train.py"])
+    try:
+        trial = study.ask()
+        for key, value in {**this_process(), "pid": int(gone.stdout),
+                           "train_pid": orphan.pid}.items():
+            trial.set_user_attr(key, value)
+        assert trials_training_alone(study) == [trial.number]
+        assert mark_lost_trials(study) == []
+        wait_for_trials_alone(study, seconds=0.2)  # it does not stop by itself here
+        assert trials_training_alone(study) == [trial.number]
+    finally:
+        orphan.kill()
+        orphan.wait()
+    assert trials_training_alone(study) == [] and mark_lost_trials(study) == [trial.number]
+
+
+def test_a_lost_trial_whose_run_ended_by_itself_is_complete(workdir, capsys, monkeypatch):
+    """Its train.py finished the run after the search was gone: the rerun takes the score the
+    run wrote instead of resuming a finished run (which train.py refuses)."""
+    run = workdir / "runs" / "20261207_000000_s-t0"
+    (run / "meta").mkdir(parents=True)
+    (run / "artifacts" / "checkpoints").mkdir(parents=True)
+    (run / "artifacts" / "checkpoints" / "last.safetensors").write_bytes(b"")
+    (run / "meta" / "results.json").write_text(json.dumps({
+        "full_split_val_loss": 1.25, "training_seconds": 2.0, "steps": 10,
+        "end_reason": "finished 10 steps"}))
+    monkeypatch.setattr(search, "run_train_process", lambda *a, **k: pytest.fail("ran"))
+    monkeypatch.setattr(search, "prepare", lambda study, space, base, runs_dir: (
+        study.enqueue_trial({"learning_rate": 0.003, "n_head": 4},
+                            user_attrs={"rerun_of": 0, "run": str(run.relative_to(workdir))})))
+    result = search_here(workdir, capsys, "--study", "s", "--trials", "1", *TINY_TRIAL,
+                         "--max-iters", "10")
+    assert result.returncode == 0, result.stderr
+    (trial,) = load(workdir, "s").trials
+    assert ended_as(trial) == "complete" and trial.value == 1.25
 
 
 def test_a_trial_of_another_machine_silent_for_long_is_lost(tmp_path):

@@ -39,6 +39,9 @@ BEYOND_CAP = "beyond the cap"
 # is gone. Far longer than the interval: machines' clocks differ a little, and a storage can
 # be slow to answer
 STALE_SECONDS = 15 * 60
+# a trial's train.py outlives its killed search while it checkpoints (Linux sends it SIGTERM):
+# its run folder is resumed only once it has stopped
+ORPHAN_WAIT_SECONDS = 120
 DUPLICATE = "a duplicate"  # queued twice by two processes continuing the study at once
 
 
@@ -171,8 +174,11 @@ def mark_lost_trials(study: optuna.Study) -> list[int]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = trial.user_attrs
         pid = attrs.get("pid", -1)
-        gone = (pid == os.getpid() or not process_alive(pid)) if attrs.get("host") == host \
+        here = attrs.get("host") == host
+        gone = (pid == os.getpid() or not process_alive(pid)) if here \
             else silent_for(trial) > STALE_SECONDS
+        if gone and here and not train_process_ended(attrs.get("train_pid")):
+            continue  # its train.py still runs (trials_training_alone)
         if gone:
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             lost.append(trial.number)
@@ -226,6 +232,41 @@ def trial_run_folder(runs_dir: Path, study: str, number: int) -> Path | None:
     found = [p for p in Path(runs_dir).glob(f"*_{tag}*")
              if re.fullmatch(rf"\d{{8}}_\d{{6}}_{re.escape(tag)}(_\d+)?", p.name)]
     return max(found, key=lambda p: p.name, default=None)
+
+
+def train_process_ended(pid: Any) -> bool:
+    """Whether a trial's train.py (pid, on this host) has ended; a pid that now runs
+    something else than train.py counts as ended."""
+    return not (isinstance(pid, int) and runs_train(pid))
+
+
+def runs_train(pid: int) -> bool:
+    """Whether process pid lives and runs train.py (where /proc says what it runs)."""
+    if not process_alive(pid):
+        return False
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()  # no /proc: assume it is the trial's
+    except OSError:
+        return True
+    return b"train.py" in command
+
+
+def trials_training_alone(study: optuna.Study) -> list[int]:
+    """Running trials of this host whose search is gone but whose train.py still runs."""
+    host = socket.gethostname()
+    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get("host") == host
+            and not process_alive(t.user_attrs.get("pid", -1))
+            and not train_process_ended(t.user_attrs.get("train_pid"))]
+
+
+def wait_for_trials_alone(study: optuna.Study, seconds: float = ORPHAN_WAIT_SECONDS) -> None:
+    """Wait up to `seconds` for the train.py of every trial training alone to stop."""
+    deadline = time.monotonic() + seconds
+    while trials_training_alone(study) and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 def silent_for(trial: FrozenTrial) -> float:

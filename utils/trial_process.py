@@ -55,9 +55,11 @@ class ProcessOutcome:
 def run_train_process(command: Sequence[str], log_path: Path, signals: StopSignals,
                       runs_dir: Path,
                       on_run_folder: Callable[[Path], None] | None = None,
-                      on_alive: Callable[[], None] | None = None) -> ProcessOutcome:
-    """Run the command to its end with its output in log_path; on_run_folder is called once,
-    as soon as the run folder is known, and on_alive every ALIVE_SECONDS while it runs."""
+                      on_alive: Callable[[], None] | None = None,
+                      on_start: Callable[[int], None] | None = None) -> ProcessOutcome:
+    """Run the command to its end with its output in log_path; on_start is called with the
+    process's pid, on_run_folder once the run folder is known, and on_alive every
+    ALIVE_SECONDS while it runs."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     run = None
     if signals.requested:  # a stop came after the search chose this trial: it never starts
@@ -67,6 +69,8 @@ def run_train_process(command: Sequence[str], log_path: Path, signals: StopSigna
                                    stderr=subprocess.STDOUT, start_new_session=True,
                                    preexec_fn=_stop_with_parent)
         signals.process = process
+        if on_start is not None:
+            on_start(process.pid)
         if signals.requested:  # it came while the process started: pass it on now
             process.send_signal(signals.signal_number)
         said_alive = time.monotonic()
