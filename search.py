@@ -44,6 +44,7 @@ from utils.study import (
     BEYOND_CAP,
     DUPLICATE,
     ORPHAN_WAIT_SECONDS,
+    STALE_SECONDS,
     check_study_name,
     count_toward_cap,
     ended_as,
@@ -88,10 +89,10 @@ def search(argv: Sequence[str]) -> int:
     sampler = optuna.samplers.TPESampler(seed=args.sampler_seed)
     study = open_study(args.study, open_storage(url), space.describe(), fixed_flags,
                        command_line("search.py", argv), sampler)
-    prepare(study, space, base, runs_dir)
-    console.info(f"study {args.study} in {url}: {count_toward_cap(study)} of {args.trials} "
-                 "trials so far")
     with StopSignals() as signals:
+        prepare(study, space, base, runs_dir, signals)
+        console.info(f"study {args.study} in {url}: {count_toward_cap(study)} of "
+                     f"{args.trials} trials so far")
         run_trials(study, args, loader, space, fixed_flags, runs_dir, signals)
     report(study, space, fixed_flags, url)
     if signals.requested:
@@ -170,25 +171,27 @@ def check_trial_command(loader: ConfigLoader, args: argparse.Namespace, space: S
     except ConfigError as error:
         try:
             loader.load(args, values)
-        except ConfigError:
-            return  # a rule between searched values, which other trials may keep
+        except ConfigError as same:
+            if str(same).split(" (")[0] == str(error).split(" (")[0]:
+                return  # a rule between searched values, which other trials may keep
         raise SearchSpaceError(f"search space {space.path}: train.py refuses the flags each "
                                f"trial would pass: {error}") from None
 
 
-def prepare(study: optuna.Study, space: SearchSpace, base: Config, runs_dir: Path) -> None:
+def prepare(study: optuna.Study, space: SearchSpace, base: Config, runs_dir: Path,
+            signals: StopSignals) -> None:
     """Trials lost with a killed search end as lost; those and interrupted ones are queued to
     run again; a new study's first trial is the baseline."""
     alone = trials_training_alone(study)
     if alone:
         console.info(f"trial {', '.join(map(str, alone))}: train.py still runs though its "
                      f"search is gone; waiting up to {ORPHAN_WAIT_SECONDS} s for it to stop")
-        wait_for_trials_alone(study)
+        wait_for_trials_alone(study, until=lambda: signals.requested)
     for number in mark_lost_trials(study):
         console.warn(f"trial {number} was left running by a search that is gone: it runs again")
     for number in trials_training_alone(study):
         console.warn(f"trial {number}'s train.py still runs though its search is gone: it is "
-                     "left alone; continue the study once it has stopped")
+                     "left running and counted; continue the study once it has stopped")
     for number in queue_reruns(study, runs_dir):
         console.info(f"trial {number} did not finish: it runs again first, resumed from its "
                      "run folder where it has a checkpoint")
@@ -226,7 +229,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, args: argparse.Namespace
               loader: ConfigLoader, space: SearchSpace, fixed_flags: list[str],
               runs_dir: Path, signals: StopSignals) -> None:
     """Run one trial as a train.py process and tell the study how it ended."""
-    for key, value in this_process().items():
+    for key, value in {**this_process(), "alive_at": time.time()}.items():
         trial.set_user_attr(key, value)
     values = {**space.fixed, **trial.params}
     name = f"trial {trial.number}"
@@ -251,10 +254,11 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, args: argparse.Namespace
     console.info(f"{name} running: {describe_values(trial.params)}"
                  + (f", resuming {resumed}" if resumed else "") + f" (log: {log})")
     started = time.perf_counter()
-    outcome = run_train_process(command, log, signals, runs_dir,
-                                on_run_folder=lambda run: trial.set_user_attr("run", str(run)),
-                                on_alive=lambda: trial.set_user_attr("alive_at", time.time()),
-                                on_start=lambda pid: trial.set_user_attr("train_pid", pid))
+    outcome = run_train_process(
+        command, log, signals, runs_dir,
+        on_run_folder=lambda run: record(trial, "run", str(run), signals),
+        on_alive=lambda: record(trial, "alive_at", time.time(), signals),
+        on_start=lambda pid: record(trial, "train_pid", pid, signals))
     seconds = time.perf_counter() - started
     if results := scored_results(outcome.run, outcome.exit_code):
         return complete(study, trial, results, seconds, outcome.run)
@@ -268,15 +272,15 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, args: argparse.Namespace
 
 
 def scored_results(run: Path | None, exit_code: int | None) -> dict[str, Any] | None:
-    """The run's results.json if the run took all its steps and scored itself, else None. A
-    stop that came after the last step (exit 130 or 143) let the run end as it would have,
-    so its score holds; exit_code None: the process is not ours to know (a lost trial's)."""
+    """The run's results.json if its train.py ended well (exit_code 0, or None where the
+    process was not this search's: a lost trial's) having taken its steps and scored itself,
+    else None."""
     results = read_results(RunPaths(run)) if run else None
-    if not isinstance(results, dict):
+    if exit_code not in (0, None) or not isinstance(results, dict):
         return None
     loss = results.get("full_split_val_loss")
-    steps_done = exit_code == 0 or not str(results.get("end_reason")).startswith("stopped by")
-    if (steps_done and isinstance(loss, (int, float)) and math.isfinite(loss)
+    cut_short = str(results.get("end_reason")).startswith("stopped by")  # by a signal
+    if (not cut_short and isinstance(loss, (int, float)) and math.isfinite(loss)
             and "training_seconds" in results and "steps" in results):
         return results
     return None
@@ -291,17 +295,33 @@ def complete(study: optuna.Study, trial: optuna.Trial, results: dict[str, Any],
     finish(study, trial, "complete", value=loss, seconds=seconds, run=run)
 
 
+def record(trial: optuna.Trial, key: str, value: Any, signals: StopSignals) -> None:
+    """Set a user attribute of the running trial. If another search has taken it for lost
+    meanwhile (it heard nothing from this one for STALE_SECONDS), that search runs it again:
+    this one stops its train.py, which checkpoints, and finish says so."""
+    try:
+        trial.set_user_attr(key, value)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        signals.stop_process()
+
+
 def finish(study: optuna.Study, trial: optuna.Trial, ended: str, value: float | None = None,
            error: str | None = None, seconds: float | None = None,
            run: Path | None = None) -> None:
     """Record how the trial ended, tell the study, and print its line."""
-    trial.set_user_attr("ended", ended)
-    if error is not None:
-        trial.set_user_attr("error", error)
-    if seconds is not None:
-        trial.set_user_attr("seconds", round(seconds, 1))
-    study.tell(trial, value, state=TrialState.COMPLETE if ended == "complete"
-               else TrialState.FAIL)
+    try:
+        trial.set_user_attr("ended", ended)
+        if error is not None:
+            trial.set_user_attr("error", error)
+        if seconds is not None:
+            trial.set_user_attr("seconds", round(seconds, 1))
+        study.tell(trial, value, state=TrialState.COMPLETE if ended == "complete"
+                   else TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        console.warn(f"trial {trial.number} was taken for lost by another search while it ran "
+                     f"(nothing was heard from this one for {STALE_SECONDS // 60} minutes): "
+                     "that search runs it again, and this end is not recorded")
+        return
     took = f", {seconds:.0f} s" if seconds is not None else ""
     where = f", {run}" if run else ""
     values = describe_values(trial.params)

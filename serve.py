@@ -228,7 +228,9 @@ def describe_invalid(error: RequestValidationError, fields: set[str]) -> str:
                 "list": "a list of strings", "model": "a JSON object"}
     for prefix, words in expected.items():
         if kind.startswith(prefix):
-            got = json.dumps(problem.get("input"), ensure_ascii=False, default=str)  # as sent
+            value = problem.get("input")
+            # text as the command line shows it ('warm'); other values as JSON spells them
+            got = repr(value) if isinstance(value, str) else json.dumps(value, default=str)
             return (f"argument --{name.replace('_', '-')}: expected {words}, got "
                     f"{got if len(got) <= 60 else got[:57] + '...'}")
     return f"argument --{name.replace('_', '-')}: {problem.get('msg', 'invalid')}"

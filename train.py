@@ -57,6 +57,7 @@ from utils.training import (
 )
 
 INTERRUPTED_EXIT_CODE = 130
+STOPPED_BY = "stopped by"  # how results.json's end_reason begins for a loop a signal cut short
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,7 +160,9 @@ def fit(state: TrainingState, plan: budget.Plan, run: RunPaths, tracker: Tracker
                 raise
             setup = plan.setup  # with the max_iters the run ended with
             tracker.log_text("end_reason", end, state.step)
-            if not stop.requested:
+            # a stop that came during the last step ends the run as it would have ended
+            cut_short = end.startswith(STOPPED_BY)
+            if not cut_short:
                 full = state.last_losses["val_full"] = full_split_loss(state.step_model, setup)
                 tracker.log({"val/loss_full": full, "val/bpc_full": bits_per_character(full)},
                             state.step)
@@ -182,8 +185,8 @@ def fit(state: TrainingState, plan: budget.Plan, run: RunPaths, tracker: Tracker
         results = run_results(state, plan.setup, end, tracker.lost)
         distributed.on_main(lambda: write_results(run, results))
     distributed.on_main(lambda: report(run, state, plan.setup, tracker.closing_notes))
-    if stop.requested:
-        console.warn(f"stopped by {stop.name} at step {state.step}; resume with "
+    if cut_short:
+        console.warn(f"{STOPPED_BY} {stop.name} at step {state.step}; resume with "
                      f"{resume_command}")
         return stop.exit_code
     return 0
@@ -204,7 +207,7 @@ def training_loop(state: TrainingState, plan: budget.Plan, run: RunPaths, tracke
         while state.step < cfg.max_iters:
             if check_stop and stop_agreed(stop, setup.device):
                 check_nonfinite(nonfinite, state, cfg, tracker, run)
-                end = f"stopped by {stop.name}"
+                end = f"{STOPPED_BY} {stop.name}"
                 break
             result = optimizer_step(state, setup)
             state.scheduler.step()

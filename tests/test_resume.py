@@ -109,6 +109,29 @@ def test_sigterm_checkpoints_exits_143_and_resume_is_bit_exact(tmp_path, capsys,
     assert_bit_identical(final_weights(run_dir), reference)
 
 
+def test_ctrl_c_during_the_last_step_ends_the_run_as_it_would_have(tmp_path, capsys,
+                                                                    monkeypatch):
+    """The loop has no step left to stop after: the run scores itself and exports as if no
+    Ctrl-C had come, and says nothing of resuming a run that is finished."""
+    real_step, calls = train.optimizer_step, []
+
+    def step_with_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 12:  # the last one
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "optimizer_step", step_with_ctrl_c)
+    code, _, err = run_in_process(capsys, *TINY, "--max-iters", "12", "--runs-dir",
+                                  str(tmp_path / "runs"))
+    assert code == 0, err
+    assert "SIGINT received" in err and "resume with" not in err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    results = json.loads((run_dir / "meta" / "results.json").read_text())
+    assert results["end_reason"] == "finished 12 steps"
+    assert math.isfinite(results["full_split_val_loss"])
+
+
 def test_repeated_kill_9_then_resume_is_bit_exact(tmp_path, capsys, reference):
     """Killed as soon as a new step checkpoint appears, and the process that resumed killed
     again at a later one; every resume picks up the last checkpoint."""

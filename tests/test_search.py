@@ -225,9 +225,9 @@ def test_trials_caps_the_study_over_every_process_that_shares_it(workdir, capsys
 
 
 def test_a_stop_after_the_last_step_keeps_the_trials_score(workdir, capsys, monkeypatch):
-    """Ctrl-C during a trial's final evaluation: train.py ends the run as it would have and
-    exits 130; the trial is complete with the run's score, not run again (a resume of a
-    finished run is refused)."""
+    """Ctrl-C during a trial's last step or final evaluation: train.py ends the run as it
+    would have (exit 0); the trial is complete with the run's score, not run again (a resume
+    of a finished run is refused), and the search stops."""
     run = workdir / "runs" / "20261207_000000_s-t0"
     (run / "meta").mkdir(parents=True)
     (run / "meta" / "results.json").write_text(json.dumps({
@@ -237,7 +237,7 @@ def test_a_stop_after_the_last_step_keeps_the_trials_score(workdir, capsys, monk
     def stopped_after_the_last_step(command, log, signals, runs_dir, on_run_folder, **_):
         on_run_folder(run)
         signals.signal_number = signal.SIGINT  # as Ctrl-C in the terminal records it
-        return ProcessOutcome(exit_code=130, run=run, error=None)
+        return ProcessOutcome(exit_code=0, run=run, error=None)
 
     monkeypatch.setattr(search, "run_train_process", stopped_after_the_last_step)
     stopped = search_here(workdir, capsys, "--study", "s", "--trials", "2", *TINY_TRIAL,
@@ -304,6 +304,9 @@ BAD_SPACES = {
     "a number YAML reads as text": ("learning_rate: {low: 1e-3, high: 0.01}",
                                     "learning_rate: low: expected a finite number, got '1e-3' "
                                     "(YAML reads 1e-3 as text: write it as 0.001)"),
+    "an integer YAML reads as text": ("max_iters: {low: 1e3, high: 2000}",
+                                      "max_iters: low: expected an integer, got '1e3' (YAML "
+                                      "reads 1e3 as text: write it as 1000)"),
     "a step that misses high": ("n_layer: {low: 2, high: 7, step: 2}",
                                 "n_layer: step must divide high - low, so that high is a value "
                                 "the range takes (got low=2, high=7, step=2)"),
@@ -456,7 +459,7 @@ def test_a_lost_trial_whose_run_ended_by_itself_is_complete(workdir, capsys, mon
         "full_split_val_loss": 1.25, "training_seconds": 2.0, "steps": 10,
         "end_reason": "finished 10 steps"}))
     monkeypatch.setattr(search, "run_train_process", lambda *a, **k: pytest.fail("ran"))
-    monkeypatch.setattr(search, "prepare", lambda study, space, base, runs_dir: (
+    monkeypatch.setattr(search, "prepare", lambda study, space, base, runs_dir, signals: (
         study.enqueue_trial({"learning_rate": 0.003, "n_head": 4},
                             user_attrs={"rerun_of": 0, "run": str(run.relative_to(workdir))})))
     result = search_here(workdir, capsys, "--study", "s", "--trials", "1", *TINY_TRIAL,
@@ -479,6 +482,23 @@ def test_a_trial_of_another_machine_silent_for_long_is_lost(tmp_path):
     silent.set_user_attr("alive_at", time.time() - STALE_SECONDS - 60)
     recent.set_user_attr("alive_at", time.time() - 60)
     assert mark_lost_trials(study) == [silent.number]  # the new one started just now
+
+
+def test_a_trial_another_search_took_for_lost_ends_in_one_line(tmp_path, capsys):
+    """Nothing was heard from this search for STALE_SECONDS (a laptop asleep): another one took
+    its trial for lost and runs it again. This one's end is not recorded, and says why."""
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "study.journal")))
+    study = optuna.create_study(study_name="s", storage=storage)
+    trial = study.ask()
+    study.tell(trial.number, state=TrialState.FAIL)  # the other search, marking it lost
+    signals = StopSignals()
+    search.record(trial, "alive_at", time.time(), signals)  # no process to stop: nothing
+    search.finish(study, trial, "complete", value=1.5, seconds=3.0)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(
+        f"warning: trial {trial.number} was taken for lost by another search while it ran")
+    assert ended_as(study.trials[0]) == "lost"
 
 
 def test_a_running_trial_says_it_is_alive_while_its_process_runs(tmp_path, monkeypatch):

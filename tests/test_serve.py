@@ -238,7 +238,7 @@ def test_a_bad_generation_request_gets_the_command_lines_words(api_client, serve
     ({"run": TRAINED, "checkpoint": "../../x"}, 400, "is not one a run has"),
     ({"run": TRAINED, "max_new_tokens": 601}, 400, "at most 600 on this server"),
     ({"run": TRAINED, "temperature": "warm"}, 422,
-     "argument --temperature: expected a finite number, got \"warm\""),
+     "argument --temperature: expected a finite number, got 'warm'"),
     ({"run": TRAINED, "max_new_tokens": 2.5}, 422, "argument --max-new-tokens: expected an "
      "integer"),
     ({"run": TRAINED, "stop": "be"}, 422, "argument --stop: expected a list of strings"),
@@ -246,7 +246,7 @@ def test_a_bad_generation_request_gets_the_command_lines_words(api_client, serve
      "unknown field 'temprature'; did you mean 'temperature'?"),
     ({"run": 5}, 422, "argument --run: expected text"),
     ({"run": TRAINED, "temperature": "0.5"}, 422,
-     "argument --temperature: expected a finite number, got \"0.5\""),
+     "argument --temperature: expected a finite number, got '0.5'"),
     ({"run": TRAINED, "max_new_tokens": True}, 422,
      "argument --max-new-tokens: expected an integer, got true"),
 ], ids=["unknown-run", "dotdot", "absolute", "checkpoint-path", "over-limit", "not-a-number",

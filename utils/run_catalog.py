@@ -96,8 +96,8 @@ class RunCatalog:
             raise UserError(f"no run {run_id!r} in {self.runs_dir}/; GET /api/runs lists them")
         run = RunPaths(folder)
         if not self._all_inside([folder, *served_files(run, checkpoint)]):
-            raise UserError(f"run {run_id!r} leads out of {self.runs_dir}/; only runs inside "
-                            "it are served")
+            raise UserError(f"run {run_id!r} leads out of {self.runs_dir}/ (or its symlinks "
+                            "go round in a loop); only runs inside it are served")
         return run
 
     def _inside(self, path: Path) -> bool:

@@ -251,8 +251,9 @@ def load_run_model(which: str, runs_dir: Path, checkpoint: str | None = None,
     else:
         run = find_run(which, runs_dir, f"artifacts/export/{WEIGHTS_FILE}", "an export")
         source = run.export
-        saved = sorted(p.name.removesuffix(CHECKPOINT_SUFFIX)
-                       for p in run.checkpoints.glob(f"*{CHECKPOINT_SUFFIX}"))
+        saved = sorted((p.name.removesuffix(CHECKPOINT_SUFFIX)
+                        for p in run.checkpoints.glob(f"*{CHECKPOINT_SUFFIX}")),
+                       key=lambda name: (len(name), name))  # step_2 before step_10
         if not (source / WEIGHTS_FILE).is_file() and saved:
             raise CheckpointError(
                 f"run {run.root} has no export yet (train.py writes it when training ends or "

@@ -172,8 +172,9 @@ def _value(key: str, raw: Any, where: str) -> Any:
     try:
         return coerce(key, raw, from_text=False, source="the search space")
     except ConfigError:
+        integer = split_optional(field_type(key))[1] is int
         raise SearchSpaceError(f"{where}: expected {describe_field(key)}, got "
-                               f"{raw!r}{yaml_hint(raw)}") from None
+                               f"{raw!r}{yaml_hint(raw, integer)}") from None
 
 
 def _choices(key: str, entry: dict, where: str) -> optuna.distributions.CategoricalDistribution:
@@ -233,18 +234,22 @@ def _number(key: str, kind: type, raw: Any, where: str) -> int | float:
         ok = ok and isinstance(raw, int)
     if not ok or not math.isfinite(raw):
         expected = "an integer" if kind is int else "a finite number"
-        raise SearchSpaceError(f"{where}: expected {expected}, got {raw!r}{yaml_hint(raw)}")
+        raise SearchSpaceError(f"{where}: expected {expected}, got {raw!r}"
+                               f"{yaml_hint(raw, kind is int)}")
     return kind(raw)
 
 
-def yaml_hint(raw: Any) -> str:
-    """YAML reads 1e-3 (no dot in the mantissa) as text: say so where a number was meant."""
+def yaml_hint(raw: Any, integer: bool = False) -> str:
+    """YAML reads 1e-3 (no dot in the mantissa) as text: say so where a number was meant, and
+    how to write it (an integer setting's whole number as digits)."""
     if isinstance(raw, str):
         try:
             number = float(raw)
         except ValueError:
             return ""
-        if math.isfinite(number):
+        if integer and number.is_integer():
+            return f" (YAML reads {raw} as text: write it as {int(number)})"
+        if math.isfinite(number) and not integer:
             written = repr(number)
             if "e" in written and "." not in written:  # YAML's floats need the dot: 1.0e-05
                 written = written.replace("e", ".0e")

@@ -125,7 +125,8 @@ class ModelCache:
         with self._lock:
             del self._loading[key]
             # an earlier version of the same file is one no request can ask for any more
-            for older in [k for k in self._models if k[:2] == key[:2]]:
+            for older in [k for k in self._models
+                          if k[:2] == key[:2] and (k[2] or 0) < (key[2] or 0)]:
                 del self._models[older]
             self._models[key] = loaded
             while len(self._models) > self.capacity:

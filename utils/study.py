@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -165,18 +166,15 @@ def count_toward_cap(study: optuna.Study, below: int | None = None) -> int:
 
 def mark_lost_trials(study: optuna.Study) -> list[int]:
     """Running trials whose search process is gone (killed) end as lost, to be run again: on
-    this host, those whose process no longer exists; on any host, those silent for
-    STALE_SECONDS. Called before this process runs a trial: one recorded with this process's
-    own pid was left by an earlier process that had it (a container restarted with the same
-    pid)."""
+    this host, those whose search process no longer exists (search_gone) and whose train.py
+    has ended; of another host, those silent for STALE_SECONDS."""
     lost = []
     host = socket.gethostname()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = trial.user_attrs
         pid = attrs.get("pid", -1)
         here = attrs.get("host") == host
-        gone = (pid == os.getpid() or not process_alive(pid)) if here \
-            else silent_for(trial) > STALE_SECONDS
+        gone = search_gone(pid) if here else silent_for(trial) > STALE_SECONDS
         if gone and here and not train_process_ended(attrs.get("train_pid")):
             continue  # its train.py still runs (trials_training_alone)
         if gone:
@@ -234,6 +232,13 @@ def trial_run_folder(runs_dir: Path, study: str, number: int) -> Path | None:
     return max(found, key=lambda p: p.name, default=None)
 
 
+def search_gone(pid: int) -> bool:
+    """Whether the search process pid of this host is gone. Asked before this process runs
+    a trial: one recorded with this process's own pid was left by an earlier process that had
+    it (a container restarted with the same pid)."""
+    return pid == os.getpid() or not process_alive(pid)
+
+
 def train_process_ended(pid: Any) -> bool:
     """Whether a trial's train.py (pid, on this host) has ended; a pid that now runs
     something else than train.py counts as ended."""
@@ -258,14 +263,16 @@ def trials_training_alone(study: optuna.Study) -> list[int]:
     host = socket.gethostname()
     return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if t.user_attrs.get("host") == host
-            and not process_alive(t.user_attrs.get("pid", -1))
+            and search_gone(t.user_attrs.get("pid", -1))
             and not train_process_ended(t.user_attrs.get("train_pid"))]
 
 
-def wait_for_trials_alone(study: optuna.Study, seconds: float = ORPHAN_WAIT_SECONDS) -> None:
-    """Wait up to `seconds` for the train.py of every trial training alone to stop."""
+def wait_for_trials_alone(study: optuna.Study, seconds: float = ORPHAN_WAIT_SECONDS,
+                          until: Callable[[], bool] = lambda: False) -> None:
+    """Wait up to `seconds` (or until `until()` says so) for the train.py of every trial
+    training alone to stop."""
     deadline = time.monotonic() + seconds
-    while trials_training_alone(study) and time.monotonic() < deadline:
+    while trials_training_alone(study) and time.monotonic() < deadline and not until():
         time.sleep(0.5)
 
 

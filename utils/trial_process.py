@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from utils.interrupts import CaughtSignals
+from utils.interrupts import HANDLED_SIGNALS, CaughtSignals
 
 # train.py's first line about its run: "run <id> at step 0: ..." or "resuming <id> at step N"
 RUN_LINE = re.compile(r"^(?:run|resuming) (\S+) at step \d+:", re.MULTILINE)
@@ -43,6 +43,11 @@ class StopSignals(CaughtSignals):
         super()._handle(number, frame)
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(number)
+
+    def stop_process(self) -> None:
+        """Stop the running process as SIGTERM stops train.py, without stopping the search."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -68,11 +73,17 @@ def run_train_process(command: Sequence[str], log_path: Path, signals: StopSigna
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True,
                                    preexec_fn=_stop_with_parent)
-        signals.process = process
+        # a stop that came while the process started is passed on here, and one that comes
+        # from here on by the handler: held back in between, it is passed on exactly once
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            signals.process = process
+            if signals.requested:
+                process.send_signal(signals.signal_number)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         if on_start is not None:
             on_start(process.pid)
-        if signals.requested:  # it came while the process started: pass it on now
-            process.send_signal(signals.signal_number)
         said_alive = time.monotonic()
         try:
             while True:
