@@ -22,6 +22,7 @@ utils/search_space.py; the train.py process in utils/trial_process.py.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import shlex
 import sys
@@ -164,8 +165,25 @@ def check_trial_command(loader: ConfigLoader, args: argparse.Namespace, space: S
                         fixed_flags: list[str]) -> None:
     """A trial passes every setting of the space to train.py as a flag, beside the fixed
     flags: refuse a space whose flags train.py refuses whatever their values (--max-iters
-    beside --time-budget, --wandb-project without --wandb)."""
-    values = space.trial_values()
+    beside --time-budget, --wandb-project without --wandb). A switch the space searches may
+    decide it (wandb_logging: {choices: [false, true]}): one way it goes is enough."""
+    switches = [key for key, distribution in space.distributions.items()
+                if isinstance(distribution, optuna.distributions.CategoricalDistribution)
+                and all(isinstance(choice, bool) for choice in distribution.choices)]
+    clash = None
+    for turned in itertools.product(*(space.distributions[key].choices for key in switches)):
+        values = {**space.trial_values(), **dict(zip(switches, turned, strict=True))}
+        clash = flag_clash(loader, args, values, fixed_flags)
+        if clash is None:
+            return
+    raise SearchSpaceError(f"search space {space.path}: train.py refuses the flags each trial "
+                           f"would pass: {clash}")
+
+
+def flag_clash(loader: ConfigLoader, args: argparse.Namespace, values: dict[str, Any],
+               fixed_flags: list[str]) -> ConfigError | None:
+    """What train.py refuses in the flags that set these values beside the fixed ones, if
+    the same values given another way (not as flags) are fine, or break another rule."""
     try:
         loader.load(loader.build_parser().parse_args([*fixed_flags, *trial_flags(values)]))
     except ConfigError as error:
@@ -173,9 +191,9 @@ def check_trial_command(loader: ConfigLoader, args: argparse.Namespace, space: S
             loader.load(args, values)
         except ConfigError as same:
             if str(same).split(" (")[0] == str(error).split(" (")[0]:
-                return  # a rule between searched values, which other trials may keep
-        raise SearchSpaceError(f"search space {space.path}: train.py refuses the flags each "
-                               f"trial would pass: {error}") from None
+                return None  # a rule between searched values, which other trials may keep
+        return error
+    return None
 
 
 def prepare(study: optuna.Study, space: SearchSpace, base: Config, runs_dir: Path,

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 import search
 from tests.conftest import PROJECT_ROOT, run_script
 from utils import trial_process
+from utils.config_loader import ConfigLoader
 from utils.search_space import SearchSpace, trial_flags
 from utils.study import (
     DUPLICATE,
@@ -247,6 +248,18 @@ def test_a_stop_after_the_last_step_keeps_the_trials_score(workdir, capsys, monk
     assert ended_as(trial) == "complete" and trial.value == 1.5
 
 
+def test_a_flag_that_a_searched_switch_can_turn_on_is_taken(workdir):
+    """--wandb-project with wandb_logging searched over [false, true]: the trials that turn
+    W&B on use it, so the space is not refused for the others."""
+    (workdir / "space.yaml").write_text("wandb_logging: {choices: [false, true]}\n")
+    loader = ConfigLoader()
+    argv = ["--study", "s", "--space", "space.yaml", *TINY_TRIAL, "--wandb-project", "mine"]
+    with contextlib.chdir(workdir):
+        args = search.build_parser(loader).parse_args(argv)
+        space = SearchSpace.read(Path("space.yaml"))
+        search.check_trial_command(loader, args, space, search.train_flags(argv))
+
+
 def test_a_stop_before_a_trial_starts_starts_nothing(tmp_path):
     signals = StopSignals()
     signals.signal_number = signal.SIGINT  # Ctrl-C between choosing the trial and starting it
@@ -352,6 +365,8 @@ BAD_FLAGS = {
                                            "--storage corpus.txt is not an Optuna journal"),
     "a storage in memory": (["--storage", "sqlite:///:memory:"],
                             "--storage sqlite:///:memory: is a database in memory"),
+    "a switch-dependent flag the space never turns on": (
+        ["--wandb-project", "mine"], "--wandb-project does nothing while wandb_logging is off"),
     "a length in the space and a flag": (["--time-budget", "60"],
                                          "train.py refuses the flags each trial would pass: "
                                          "--max-iters and --time-budget both say how long"),
@@ -363,6 +378,8 @@ def test_a_bad_flag_is_refused_in_one_line_before_anything_is_made(workdir, caps
     flags, message = BAD_FLAGS[case]
     if case == "a length in the space and a flag":
         (workdir / "space.yaml").write_text("max_iters: {low: 10, high: 20}\n")
+    if case == "a switch-dependent flag the space never turns on":
+        (workdir / "space.yaml").write_text("wandb_logging: {choices: [false]}\n")
     before = sorted(p.name for p in workdir.iterdir())
     with contextlib.chdir(workdir):
         code = search.main(["--study", "s", "--space", "space.yaml", *TINY_TRIAL, *flags])
