@@ -105,6 +105,7 @@ function unescape(text) {
 
 async function generate() {
   clearOutputs();
+  $("status").textContent = "starting…"; // not the last run's "done"
   const controller = new AbortController();
   running = controller;
   setRunning(true);
