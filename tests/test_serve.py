@@ -416,7 +416,7 @@ def test_a_run_still_training_is_served_from_a_checkpoint(served_runs, tmp_path,
     shutil.rmtree(runs / TRAINED / "artifacts" / "export")
     words = (f"run {runs / TRAINED} has no export yet (train.py writes it when training ends or "
              "is stopped with Ctrl-C); load one of its checkpoints meanwhile with --checkpoint "
-             "NAME (best, last, step_2, step_4)")
+             "NAME (best, last, step_4, step_2)")
     assert serve.main(["--runs-dir", str(runs), "--run", TRAINED]) == 2
     assert capsys.readouterr().err.strip() == f"error: {words}"
     assert cli_text(runs, capsys, "--run", str(runs / TRAINED))[2].strip() == f"error: {words}"

@@ -321,14 +321,21 @@ def step_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
     return [(int(m.group(1)), checkpoint_dir / m.group(0)) for m in found if m]
 
 
+def saved_checkpoints(checkpoint_dir: Path) -> list[str]:
+    """The names of the checkpoints in the folder: best and last, then step_N, newest first."""
+    folder = Path(checkpoint_dir)
+    names = [name for name in ("best", "last")
+             if (folder / f"{name}{CHECKPOINT_SUFFIX}").is_file()]
+    return names + [f"step_{step}" for step, _ in sorted(step_checkpoints(folder), reverse=True)]
+
+
 def find_checkpoint(checkpoint_dir: Path, which: str = "last") -> Path:
     """The path of checkpoint `which` (last, best or step_N), or a CheckpointError listing
     the ones there are."""
     path = Path(checkpoint_dir) / f"{which}{CHECKPOINT_SUFFIX}"
     if path.is_file():
         return path
-    available = sorted(p.name.removesuffix(CHECKPOINT_SUFFIX)
-                       for p in Path(checkpoint_dir).glob(f"*{CHECKPOINT_SUFFIX}"))
+    available = saved_checkpoints(checkpoint_dir)
     listed = ", ".join(available) if available else "none: no checkpoint was written yet"
     raise CheckpointError(f"no checkpoint '{which}' in {checkpoint_dir} (available: {listed})")
 

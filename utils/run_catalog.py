@@ -23,7 +23,13 @@ from typing import Any
 import torch
 
 from model import LanguageModel, ModelConfig
-from utils.checkpoint import CHECKPOINT_SUFFIX, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+from utils.checkpoint import (
+    CHECKPOINT_SUFFIX,
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    saved_checkpoints,
+)
 from utils.errors import UserError
 from utils.runs import RunPaths, read_results
 
@@ -127,12 +133,8 @@ def served_files(run: RunPaths, checkpoint: str) -> list[Path]:
 def checkpoint_names(run: RunPaths) -> list[str]:
     """What can be loaded from the run: its export first, then best, last and step_N."""
     names = [EXPORT] if weights_path(run, EXPORT).is_file() else []
-    saved = [p.name.removesuffix(CHECKPOINT_SUFFIX)
-             for p in run.checkpoints.glob(f"*{CHECKPOINT_SUFFIX}")]
-    names += [n for n in ("best", "last") if n in saved]
-    steps = [n for n in saved if CHECKPOINT_NAME.fullmatch(n) and n.startswith("step_")]
-    names += sorted(steps, key=lambda n: -int(n.removeprefix("step_")))  # newest first
-    return names
+    return names + [name for name in saved_checkpoints(run.checkpoints)
+                    if CHECKPOINT_NAME.fullmatch(name)]
 
 
 def summarize(run: RunPaths, checkpoints: list[str]) -> RunSummary:

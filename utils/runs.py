@@ -34,6 +34,7 @@ from utils.checkpoint import (
     load_checkpoint_model,
     load_export,
     remove_partial_writes,
+    saved_checkpoints,
 )
 from utils.config import PROJECT_ROOT, Config
 from utils.config_loader import ENV_PREFIX
@@ -251,9 +252,7 @@ def load_run_model(which: str, runs_dir: Path, checkpoint: str | None = None,
     else:
         run = find_run(which, runs_dir, f"artifacts/export/{WEIGHTS_FILE}", "an export")
         source = run.export
-        saved = sorted((p.name.removesuffix(CHECKPOINT_SUFFIX)
-                        for p in run.checkpoints.glob(f"*{CHECKPOINT_SUFFIX}")),
-                       key=lambda name: (len(name), name))  # step_2 before step_10
+        saved = saved_checkpoints(run.checkpoints)
         if not (source / WEIGHTS_FILE).is_file() and saved:
             raise CheckpointError(
                 f"run {run.root} has no export yet (train.py writes it when training ends or "
