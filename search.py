@@ -82,7 +82,7 @@ def search(argv: Sequence[str]) -> int:
     space = SearchSpace.read(args.space)
     check_flags(args, space)
     space.check(lambda values: loader.load(args, values, f"search space {space.path}"))
-    check_trial_command(loader, args, space, fixed_flags)
+    check_trial_command(loader, space, fixed_flags)
     check_study_name(args.study)
     runs_dir = Path(base.train.runs_dir)
     url = storage_url(args.storage, runs_dir)
@@ -161,7 +161,7 @@ def check_flags(args: argparse.Namespace, space: SearchSpace) -> None:
                         "keep it in one of them")
 
 
-def check_trial_command(loader: ConfigLoader, args: argparse.Namespace, space: SearchSpace,
+def check_trial_command(loader: ConfigLoader, space: SearchSpace,
                         fixed_flags: list[str]) -> None:
     """A trial passes every setting of the space to train.py as a flag, beside the fixed
     flags: refuse a space whose flags train.py refuses whatever their values (--max-iters
@@ -173,25 +173,21 @@ def check_trial_command(loader: ConfigLoader, args: argparse.Namespace, space: S
     clash = None
     for turned in itertools.product(*(space.distributions[key].choices for key in switches)):
         values = {**space.trial_values(), **dict(zip(switches, turned, strict=True))}
-        clash = flag_clash(loader, args, values, fixed_flags)
+        clash = flag_clash(loader, values, fixed_flags)
         if clash is None:
             return
     raise SearchSpaceError(f"search space {space.path}: train.py refuses the flags each trial "
                            f"would pass: {clash}")
 
 
-def flag_clash(loader: ConfigLoader, args: argparse.Namespace, values: dict[str, Any],
+def flag_clash(loader: ConfigLoader, values: dict[str, Any],
                fixed_flags: list[str]) -> ConfigError | None:
-    """What train.py refuses in the flags that set these values beside the fixed ones, if
-    the same values given another way (not as flags) are fine, or break another rule."""
+    """What train.py refuses in the flags that set these values beside the fixed ones, of
+    the rules about flags given together (the values' own rules are space.check's)."""
     try:
-        loader.load(loader.build_parser().parse_args([*fixed_flags, *trial_flags(values)]))
+        loader.check_layers(loader.build_parser().parse_args([*fixed_flags,
+                                                              *trial_flags(values)]))
     except ConfigError as error:
-        try:
-            loader.load(args, values)
-        except ConfigError as same:
-            if str(same).split(" (")[0] == str(error).split(" (")[0]:
-                return None  # a rule between searched values, which other trials may keep
         return error
     return None
 

@@ -239,12 +239,9 @@ def test_a_flag_that_a_searched_switch_can_turn_on_is_taken(workdir):
     """--wandb-project with wandb_logging searched over [false, true]: the trials that turn
     W&B on use it, so the space is not refused for the others."""
     (workdir / "space.yaml").write_text("wandb_logging: {choices: [false, true]}\n")
-    loader = ConfigLoader()
-    argv = ["--study", "s", "--space", "space.yaml", *TINY_TRIAL, "--wandb-project", "mine"]
+    flags = [*TINY_TRIAL, "--wandb-project", "mine"]
     with contextlib.chdir(workdir):
-        args = search.build_parser(loader).parse_args(argv)
-        space = SearchSpace.read(Path("space.yaml"))
-        search.check_trial_command(loader, args, space, search.train_flags(argv))
+        search.check_trial_command(ConfigLoader(), SearchSpace.read(Path("space.yaml")), flags)
 
 
 def test_a_search_where_no_trial_finishes_ends_with_one_line(workdir, capsys):

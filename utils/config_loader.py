@@ -107,6 +107,12 @@ class ConfigLoader:
             layers.append(_Layer(overrides_source, overrides, from_text=False))
         return _build_config(self._merge(layers))
 
+    def check_layers(self, args: argparse.Namespace) -> None:
+        """The rules about where settings come from, before any value's own: which of
+        max_iters and time_budget decides the length, and flags that need a switch (--aim-repo
+        without --aim); a ConfigError if one is broken."""
+        self._merge(self._base_layers() + self._user_layers(args))
+
     def load_for_resume(self, saved: Mapping[str, Mapping[str, Any]], args: argparse.Namespace,
                         only_resumable_changes: bool = True) -> Config:
         """The saved config of a run, with --config, env vars and flags applied over it; when
