@@ -28,6 +28,7 @@ from tests.serving_runs import (
     generate,
     generated_text,
 )
+from utils.errors import UserError
 
 # the runs folder (served_runs) and the app over it (api_client) are tests/conftest.py's, built once
 # for this file
@@ -158,13 +159,19 @@ def test_the_command_line_refuses_what_it_cannot_serve(served_runs, tmp_path, ca
     with socket_in_use() as port:
         line = refusal(capsys, "--runs-dir", str(served_runs), "--port", str(port))
         assert f"port {port} is in use" in line
+    with contextlib.ExitStack() as held:
+        with contextlib.suppress(OSError):  # another process's already: in use all the same
+            held.enter_context(socket_in_use(65535))
+        with pytest.raises(UserError, match=r"port 65535 is in use; pass another with --port, "
+                                            r"e\.g\. --port 0 \(any free port\)"):
+            serve.open_socket("127.0.0.1", 65535)
 
 
 @contextlib.contextmanager
-def socket_in_use() -> Iterator[int]:
+def socket_in_use(port: int = 0) -> Iterator[int]:
     import socket
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("127.0.0.1", port))
         sock.listen()
         yield sock.getsockname()[1]
 

@@ -112,6 +112,9 @@ def test_a_trial_whose_train_py_outlives_its_search_waits_for_it(tmp_path):
         assert trials_training_alone(study) == [trial.number]
         assert mark_lost_trials(study) == []
         wait_for_trials_alone(study, seconds=0.2)  # it does not stop by itself here
+        asked = []  # Ctrl-C: asked once, before any wait
+        wait_for_trials_alone(study, until=lambda: asked.append(1) or True)
+        assert asked == [1]
         assert trials_training_alone(study) == [trial.number]
     finally:
         orphan.kill()

@@ -84,8 +84,9 @@ class SearchSpace:
         that breaks a rule of its own field alone. A rule between fields (n_embd divisible by
         n_head) may hold for other trials: only the trials that break it fail."""
         self._check_loads(load, dict(self.fixed), None)
+        named = self.values_named()
         for key in self.distributions:
-            for value in self.values_named()[key]:
+            for value in named[key]:
                 self._check_loads(load, {**self.fixed, key: value}, key)
 
     def _check_loads(self, load: Callable[[Mapping[str, Any]], object],

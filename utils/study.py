@@ -165,22 +165,28 @@ def count_toward_cap(study: optuna.Study, below: int | None = None) -> int:
 
 
 def mark_lost_trials(study: optuna.Study) -> list[int]:
-    """Running trials whose search process is gone (killed) end as lost, to be run again: on
-    this host, those whose search process no longer exists (search_gone) and whose train.py
-    has ended; of another host, those silent for STALE_SECONDS."""
-    lost = []
-    host = socket.gethostname()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        attrs = trial.user_attrs
-        pid = attrs.get("pid", -1)
-        here = attrs.get("host") == host
-        gone = search_gone(pid) if here else silent_for(trial) > STALE_SECONDS
-        if gone and here and not train_process_ended(attrs.get("train_pid")):
-            continue  # its train.py still runs (trials_training_alone)
-        if gone:
-            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-            lost.append(trial.number)
+    """Running trials whose search is gone (running_as) end as lost, to be run again."""
+    lost = [trial.number for trial in study.get_trials(deepcopy=False,
+                                                       states=(TrialState.RUNNING,))
+            if running_as(trial) == LOST]
+    for number in lost:
+        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
     return lost
+
+
+ALIVE, LOST, TRAINING_ALONE = "alive", "lost", "training alone"
+
+
+def running_as(trial: FrozenTrial) -> str:
+    """What became of a running trial's search: ALIVE; LOST (on this host, its search process
+    is gone and so is its train.py; of another host, it has been silent for STALE_SECONDS);
+    or TRAINING_ALONE (this host's, its search gone but its train.py still running)."""
+    attrs = trial.user_attrs
+    if attrs.get("host") != socket.gethostname():
+        return LOST if silent_for(trial) > STALE_SECONDS else ALIVE
+    if not search_gone(attrs.get("pid", -1)):
+        return ALIVE
+    return LOST if train_process_ended(attrs.get("train_pid")) else TRAINING_ALONE
 
 
 def queue_reruns(study: optuna.Study, runs_dir: Path) -> list[int]:
@@ -260,11 +266,8 @@ def runs_train(pid: int) -> bool:
 
 def trials_training_alone(study: optuna.Study) -> list[int]:
     """Running trials of this host whose search is gone but whose train.py still runs."""
-    host = socket.gethostname()
     return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if t.user_attrs.get("host") == host
-            and search_gone(t.user_attrs.get("pid", -1))
-            and not train_process_ended(t.user_attrs.get("train_pid"))]
+            if running_as(t) == TRAINING_ALONE]
 
 
 def wait_for_trials_alone(study: optuna.Study, seconds: float = ORPHAN_WAIT_SECONDS,
