@@ -187,7 +187,7 @@ def test_last_checkpoint_generates_what_the_export_does(trained_run, capsys):
 def test_unknown_checkpoint_lists_the_available_ones(trained_run, capsys):
     code, _, err = run_inference(capsys, "--run", str(trained_run), "--checkpoint", "step_7")
     assert code == 2
-    assert "no checkpoint 'step_7'" in err and "best, last, step_10, step_20, step_30" in err
+    assert "no checkpoint 'step_7'" in err and "best, last, step_30, step_20, step_10" in err
 
 
 def test_prompt_file_is_read_and_a_missing_one_reported(exported_run, tmp_path, capsys):
